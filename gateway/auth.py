@@ -1,0 +1,163 @@
+"""The gateway's own ``/auth/*`` endpoints (contract section 4).
+
+The WeChat ``session_key`` goes from jscode2session straight into storage and
+is read back only to decrypt legacy payloads; no response, log line or error
+ever carries it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.errors import BadRequest, BodyTooLarge, DecryptFailed, SessionExpired
+from gateway.headers import HeaderRules
+from gateway.identity import Identity, IdentityResolver
+from gateway.services import Services
+from gateway.wechat import crypto
+from gateway.wechat.client import PhoneInfo, phone_info_from
+
+if TYPE_CHECKING:
+    from gateway.app import Scope
+
+MAX_AUTH_BODY = 64 * 1024  # contract section 8
+MAX_CODE_LENGTH = 1024
+MAX_ENCRYPTED_LENGTH = 48 * 1024
+
+Handler = Callable[[web.BaseRequest, "Scope"], Awaitable[web.StreamResponse]]
+
+
+async def read_json_object(request: web.BaseRequest, limit: int = MAX_AUTH_BODY) -> dict[str, Any]:
+    """The body as a JSON object, read with a hard size limit."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge()
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge()
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("The body must be a JSON object.") from None
+    if not isinstance(value, dict):
+        raise BadRequest("The body must be a JSON object.")
+    return value
+
+
+def string_field(body: dict[str, Any], name: str, max_length: int) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(f"'{name}' must be a non-empty string.")
+    if len(value) > max_length:
+        raise BadRequest(f"'{name}' is longer than {max_length} characters.")
+    return value
+
+
+class AuthEndpoints:
+    def __init__(
+        self, config: Config, services: Services, identity: IdentityResolver, rules: HeaderRules
+    ) -> None:
+        self._config = config
+        self._services = services
+        self._identity = identity
+        self._rules = rules
+
+    def endpoints(self) -> dict[str, dict[str, Handler]]:
+        return {
+            "/auth/login": {"POST": self.login},
+            "/auth/logout": {"POST": self.logout},
+            "/auth/me": {"GET": self.me},
+            "/auth/phone": {"POST": self.phone},
+            "/auth/decrypt": {"POST": self.decrypt},
+            "/auth/verify": {"GET": self.verify, "HEAD": self.verify},
+        }
+
+    async def login(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+        code = string_field(await read_json_object(request), "code", MAX_CODE_LENGTH)
+        services = self._services
+        session = await services.wechat.code2session(code)
+        user = await services.storage.upsert_login(
+            session.openid, session.unionid, session.session_key, services.clock()
+        )
+        token, claims = services.tokens.issue(user.openid, user.unionid, services.clock())
+        return web.json_response(
+            {
+                "token": token,
+                "token_type": "Bearer",
+                "expires_in": claims.expires_at - claims.issued_at,
+                "openid": user.openid,
+                "unionid": user.unionid,
+            }
+        )
+
+    async def logout(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+        who = self._identity.require(request.headers)
+        await self._services.sessions.revoke(who.session_id, who.expires_at)
+        return web.json_response({"ok": True})
+
+    async def me(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+        who = self._identity.require(request.headers)
+        user = await self._services.storage.get_user(who.openid)
+        return web.json_response(
+            {
+                "openid": who.openid,
+                "unionid": (user.unionid if user else None) or who.unionid,
+                "phone_number": user.phone_number if user else None,
+            }
+        )
+
+    async def phone(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+        who = self._identity.require(request.headers)
+        body = await read_json_object(request)
+        if "code" in body:
+            code = string_field(body, "code", MAX_CODE_LENGTH)
+            wechat = self._services.wechat
+            info = await self._services.access_tokens.call(lambda t: wechat.phone_number(code, t))
+        elif "encrypted_data" in body or "iv" in body:
+            data = await self._decrypt(who, body)
+            try:
+                info = phone_info_from(data)
+            except Exception:
+                raise DecryptFailed("The decrypted data holds no phone number.") from None
+        else:
+            raise BadRequest("Send {'code'} or {'encrypted_data', 'iv'}.")
+        await self._store_phone(who, info)
+        return web.json_response(info.as_json())
+
+    async def decrypt(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+        who = self._identity.require(request.headers)
+        data = await self._decrypt(who, await read_json_object(request))
+        return web.json_response({"data": data})
+
+    async def verify(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+        who = self._identity.require(request.headers)
+        headers = {self._rules.openid_header: who.openid}
+        if who.unionid:
+            headers[self._rules.unionid_header] = who.unionid
+        return web.json_response({"openid": who.openid, "unionid": who.unionid}, headers=headers)
+
+    async def _decrypt(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
+        encrypted = string_field(body, "encrypted_data", MAX_ENCRYPTED_LENGTH)
+        iv = string_field(body, "iv", 64)
+        user = await self._services.storage.get_user(who.openid)
+        if user is None or not user.session_key:
+            raise SessionExpired()
+        try:
+            data: dict[str, Any] = crypto.decrypt_payload(
+                user.session_key, encrypted, iv, self._config.wechat.appid
+            )
+        except crypto.MalformedInput:
+            raise BadRequest("encrypted_data or iv is not valid base64.") from None
+        except crypto.DecryptFailed:
+            raise DecryptFailed() from None
+        return data
+
+    async def _store_phone(self, who: Identity, info: PhoneInfo) -> None:
+        await self._services.storage.set_phone(
+            who.openid, info.phone_number, self._services.clock()
+        )

@@ -1,0 +1,110 @@
+"""The ``gateway`` command: run, check, fake-wechat (contract section 2)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gateway.config import Config, ConfigError, load_config
+
+DEV_TOKEN_SECRET_MARK = "dev-only"  # noqa: S105 - a marker, not a secret
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="WeChat mini-program auth gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="serve")
+    run.add_argument(
+        "-c", "--config", default="config.yaml", help="config file (default ./config.yaml)"
+    )
+    run.add_argument("--workers", type=int, help="override server.workers")
+    # Set by the supervisor for its workers: bind with SO_REUSEPORT, watch the parent.
+    run.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
+    check = commands.add_parser("check", help="validate the config and print the routes")
+    check.add_argument("-c", "--config", default="config.yaml")
+    fake = commands.add_parser("fake-wechat", help="run a fake WeChat API server (development aid)")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8081)
+    demo = commands.add_parser("demo-upstream", help="run an upstream that echoes what it receives")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=9000)
+    return parser
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def _describe(config: Config) -> str:
+    from gateway.routing import Router
+
+    lines = ["routes (longest prefix first):"]
+    for route in Router(config.routes, config.server.max_body).routes:
+        cfg = route.config
+        lines.append(
+            f"  {cfg.prefix:<20} -> {', '.join(cfg.upstreams)}  auth={cfg.auth}"
+            f" strip_prefix={'yes' if cfg.strip_prefix else 'no'} timeout={cfg.timeout:g}s"
+            f" max_body={route.max_body} websocket={'yes' if cfg.websocket else 'no'}"
+            + (f" rate_limit={cfg.rate_limit}" if cfg.rate_limit else "")
+        )
+    if not config.routes:
+        lines.append("  (none: every proxied request is 404 no_route)")
+    return "\n".join(lines)
+
+
+def _warn_insecure(config: Config) -> None:
+    log = logging.getLogger("gateway")
+    if DEV_TOKEN_SECRET_MARK in config.token.secret.reveal():
+        log.warning(
+            "token.secret is the development default: anyone can mint tokens. "
+            "Set GATEWAY_TOKEN_SECRET before exposing this gateway."
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "check":
+        config = _load(args.config)
+        if config is None:
+            return 2
+        print(f"{args.config}: OK")
+        print(_describe(config))
+        return 0
+    if args.command == "run":
+        config = _load(args.config)
+        if config is None:
+            return 2
+        from gateway import server
+
+        workers = args.workers or config.server.workers
+        if args.worker_of is not None:
+            return server.run_worker(config, reuse_port=True, parent_pid=args.worker_of)
+        _warn_insecure(config)
+        if workers <= 1:
+            return server.run_worker(config)
+        supervisor = server.Supervisor(
+            server.worker_argv(args.config), workers, config.server.shutdown_grace
+        )
+        return supervisor.run()
+    if args.command == "fake-wechat":
+        from gateway.wechat import fake
+
+        fake.run(args.host, args.port)
+        return 0
+    if args.command == "demo-upstream":
+        from gateway import demo
+
+        demo.run(args.host, args.port)
+        return 0
+    return 2  # pragma: no cover - argparse rejects unknown commands

@@ -1,0 +1,444 @@
+"""YAML -> :class:`Config`, strictly.
+
+Every problem is collected in one pass and reported together, each line
+prefixed with its key path (``routes[2].upstream: not a URL``), because a
+person fixing a config wants the whole list, not one error per restart.
+Unknown keys are errors: a typo such as ``auht: public`` must not silently fall
+back to a default. Values of secret keys are never echoed in a message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.config import model as m
+from gateway.config.units import Rate, parse_duration, parse_rate, parse_size
+
+T = TypeVar("T")
+_REQUIRED: Any = object()
+# Stands for a value whose ${VAR} was unset: already reported, not validated again.
+_UNSET: Any = object()
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# -- YAML ----------------------------------------------------------------------
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+# -- ${VAR} interpolation ------------------------------------------------------
+def _interpolate(value: Any, path: str, env: Mapping[str, str], errors: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, _join(path, str(k)), env, errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", env, errors) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    missing = False
+
+    def substitute(match: re.Match[str]) -> str:
+        nonlocal missing
+        if match.group(0) == "$$":  # `$$` is a literal dollar sign
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        errors.append(f"{path}: environment variable {name} is not set (and has no :-default)")
+        missing = True
+        return ""
+
+    result = _VAR.sub(substitute, value)
+    return _UNSET if missing else result
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# -- section reader ------------------------------------------------------------
+class _Section:
+    """Reads one mapping: typed getters that record errors instead of raising, and
+    a final check that flags every key nobody asked for."""
+
+    def __init__(self, raw: Any, path: str, errors: list[str]) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            errors.append(f"{path}: must be a mapping")
+            raw = {}
+        self.raw: dict[Any, Any] = raw
+        self.path = path
+        self.errors = errors
+        self.known: list[str] = []
+
+    def get(self, key: str, parse: Callable[[Any], T], default: T = _REQUIRED) -> T:
+        self.known.append(key)
+        value = self.raw.get(key)
+        if value is _UNSET:
+            return default if default is not _REQUIRED else cast(T, None)
+        if value is None:
+            if default is _REQUIRED:
+                self.errors.append(f"{self.key(key)}: required")
+            return default if default is not _REQUIRED else cast(T, None)
+        try:
+            return parse(value)
+        except (ValueError, TypeError) as exc:
+            self.errors.append(f"{self.key(key)}: {exc}")
+            return default if default is not _REQUIRED else cast(T, None)
+
+    def key(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def finish(self) -> None:
+        for key in self.raw:
+            if key not in self.known:
+                hint = difflib.get_close_matches(str(key), self.known, n=1)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+                self.errors.append(f"{self.key(str(key))}: unknown key{suggestion}")
+
+
+# -- scalar parsers (messages are for humans; never include a secret) ----------
+def _str(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("must be a string")
+    return str(value)
+
+
+def _nonempty(value: Any) -> str:
+    text = _str(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("must be an integer")
+        try:
+            number = int(value) if isinstance(value, int) else int(str(value).strip())
+        except ValueError:
+            raise ValueError("must be an integer") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return number
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"true", "yes", "on", "1"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"false", "no", "off", "0"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than 0")
+    return seconds
+
+
+def _header_name(value: Any) -> str:
+    name = _nonempty(value)
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"{name!r} is not a valid HTTP header name")
+    return name
+
+
+def _http_url(value: Any) -> str:
+    text = _nonempty(value).strip()
+    shown = _mask_userinfo(text)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"{shown!r} is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{shown!r} is not a URL (want http:// or https:// with a host)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{shown!r}: a query or fragment is not allowed here")
+    if parts.username or parts.password:
+        raise ValueError(f"{shown!r}: credentials in the URL are not allowed")
+    return text.rstrip("/")
+
+
+def _mask_userinfo(url: str) -> str:
+    return re.sub(r"//[^/@]*@", "//***@", url)[:200]
+
+
+def _secret(value: Any) -> m.Secret:
+    text = _str(value)
+    if not text:
+        raise ValueError("must not be empty")
+    return m.Secret(text)
+
+
+def _token_secret(value: Any) -> m.Secret:
+    secret = _secret(value)
+    size = len(secret.reveal().encode())
+    if size < m.MIN_TOKEN_SECRET_BYTES:
+        raise ValueError(
+            f"must be at least {m.MIN_TOKEN_SECRET_BYTES} bytes (got {size}); "
+            "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
+    return secret
+
+
+def _list_of(parse: Callable[[Any], T]) -> Callable[[Any], tuple[T, ...]]:
+    def parse_list(value: Any) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise ValueError("must be a list")
+        items, problems = [], []
+        for i, item in enumerate(value):
+            if item is _UNSET:
+                continue
+            try:
+                items.append(parse(item))
+            except (ValueError, TypeError) as exc:
+                problems.append(f"[{i}] {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return tuple(items)
+
+    return parse_list
+
+
+def _cidr(value: Any) -> m.IPNetwork:
+    text = _nonempty(value).strip()
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or CIDR") from None
+
+
+def _auth(value: Any) -> m.AuthPolicy:
+    if value not in ("required", "optional", "public"):
+        raise ValueError(f"{value!r} is not one of required, optional, public")
+    return cast(m.AuthPolicy, value)
+
+
+def _storage_url(value: Any) -> str:
+    text = _nonempty(value).strip()
+    if not text.startswith("sqlite://"):
+        raise ValueError("only sqlite:// URLs are supported (e.g. sqlite:///./gateway.db)")
+    return text
+
+
+def _route_prefix(value: Any) -> str:
+    from gateway.paths import BadPath, normalise  # local: paths is a leaf module
+
+    text = _nonempty(value)
+    if not text.startswith("/"):
+        raise ValueError(f"{text!r} must start with /")
+    try:
+        canonical = normalise(text).match
+    except BadPath as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+    if "?" in text or "#" in text or "%" in text or canonical != text:
+        raise ValueError(f"{text!r} is not a normalised path (did you mean {canonical!r}?)")
+    return text
+
+
+def _upstreams(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("must name at least one URL")
+        return _list_of(_http_url)(value)
+    return (_http_url(value),)
+
+
+# -- sections ------------------------------------------------------------------
+def _server(raw: Any, errors: list[str]) -> m.ServerConfig:
+    s = _Section(raw, "server", errors)
+    cfg = m.ServerConfig(
+        host=s.get("host", _nonempty, m.DEFAULT_HOST),
+        port=s.get("port", _int_range(0, 65535), m.DEFAULT_PORT),
+        workers=s.get("workers", _int_range(1, 256), m.DEFAULT_WORKERS),
+        max_body=s.get("max_body", parse_size, m.DEFAULT_MAX_BODY),
+        trusted_proxies=s.get("trusted_proxies", _list_of(_cidr), ()),
+        shutdown_grace=s.get("shutdown_grace", parse_duration, m.DEFAULT_SHUTDOWN_GRACE),
+    )
+    s.finish()
+    return cfg
+
+
+def _wechat(raw: Any, errors: list[str]) -> m.WechatConfig:
+    s = _Section(raw, "wechat", errors)
+    cfg = m.WechatConfig(
+        appid=s.get("appid", _nonempty),
+        secret=s.get("secret", _secret),
+        api_base=s.get("api_base", _http_url, m.DEFAULT_WECHAT_API_BASE),
+        timeout=s.get("timeout", _positive_duration, m.DEFAULT_WECHAT_TIMEOUT),
+        fake=s.get("fake", _bool, False),
+    )
+    s.finish()
+    return cfg
+
+
+def _token(raw: Any, errors: list[str]) -> m.TokenConfig:
+    s = _Section(raw, "token", errors)
+    cfg = m.TokenConfig(
+        secret=s.get("secret", _token_secret),
+        previous_secrets=s.get("previous_secrets", _list_of(_token_secret), ()),
+        ttl=s.get("ttl", _positive_duration, m.DEFAULT_TOKEN_TTL),
+        header=s.get("header", _header_name, m.DEFAULT_TOKEN_HEADER),
+        issuer=s.get("issuer", _nonempty, m.DEFAULT_TOKEN_ISSUER),
+        leeway=s.get("leeway", parse_duration, 0.0),
+    )
+    s.finish()
+    return cfg
+
+
+def _identity(raw: Any, errors: list[str]) -> m.IdentityConfig:
+    s = _Section(raw, "identity", errors)
+    cfg = m.IdentityConfig(
+        openid_header=s.get("openid_header", _header_name, m.DEFAULT_OPENID_HEADER),
+        unionid_header=s.get("unionid_header", _header_name, m.DEFAULT_UNIONID_HEADER),
+    )
+    s.finish()
+    return cfg
+
+
+def _route(raw: Any, path: str, default_max_body: int, errors: list[str]) -> m.RouteConfig:
+    s = _Section(raw, path, errors)
+    cfg = m.RouteConfig(
+        prefix=s.get("prefix", _route_prefix),
+        upstreams=s.get("upstream", _upstreams),
+        auth=s.get("auth", _auth, "required"),
+        strip_prefix=s.get("strip_prefix", _bool, False),
+        timeout=s.get("timeout", _positive_duration, m.DEFAULT_ROUTE_TIMEOUT),
+        max_body=s.get("max_body", parse_size, None),
+        websocket=s.get("websocket", _bool, False),
+        rate_limit=s.get("rate_limit", parse_rate, None),
+    )
+    s.finish()
+    return cfg
+
+
+def _routes(raw: Any, default_max_body: int, errors: list[str]) -> tuple[m.RouteConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        errors.append("routes: must be a list")
+        return ()
+    routes = tuple(_route(r, f"routes[{i}]", default_max_body, errors) for i, r in enumerate(raw))
+    first_index: dict[str, int] = {}
+    for i, route in enumerate(routes):
+        if route.prefix is None:
+            continue
+        if route.prefix in first_index:
+            first = first_index[route.prefix]
+            errors.append(f"routes[{i}].prefix: {route.prefix!r} already used by routes[{first}]")
+        first_index.setdefault(route.prefix, i)
+    return routes
+
+
+def _cross_checks(cfg: m.Config, errors: list[str]) -> None:
+    """Rules that involve more than one key."""
+    reserved = {"connection", "host", "content-length", "transfer-encoding", "upgrade", "cookie"}
+    if cfg.token.header.lower() in reserved:
+        errors.append(f"token.header: {cfg.token.header!r} cannot carry the token")
+    identity = {cfg.identity.openid_header.lower(), cfg.identity.unionid_header.lower()}
+    if len(identity) == 1:
+        errors.append("identity.unionid_header: must differ from identity.openid_header")
+    if cfg.token.header.lower().replace("_", "-") in {h.replace("_", "-") for h in identity}:
+        errors.append("token.header: must differ from the identity headers")
+    for prefix in ("/auth", "/healthz", "/readyz", "/metrics"):
+        for i, route in enumerate(cfg.routes):
+            p = route.prefix or ""
+            if p.rstrip("/") == prefix or p.startswith(prefix + "/"):
+                errors.append(f"routes[{i}].prefix: {p!r} is served by the gateway itself")
+
+
+def build_config(raw: Any, env: Mapping[str, str] | None = None) -> m.Config:
+    """Validate a parsed YAML document into a :class:`Config` or raise ConfigError."""
+    errors: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): must be a mapping of sections"])
+    raw = _interpolate(raw, "", os.environ if env is None else env, errors)
+    top = _Section(raw, "", errors)
+    server = top.get("server", lambda v: _server(v, errors), m.ServerConfig())
+    wechat = _wechat(raw.get("wechat"), errors)
+    token = _token(raw.get("token"), errors)
+    top.known += ["wechat", "token"]
+    storage_section = _Section(raw.get("storage"), "storage", errors)
+    storage = m.StorageConfig(url=storage_section.get("url", _storage_url, m.DEFAULT_STORAGE_URL))
+    storage_section.finish()
+    limits_section = _Section(raw.get("rate_limits"), "rate_limits", errors)
+    limits = m.RateLimitsConfig(
+        login_per_ip=limits_section.get(
+            "login_per_ip", parse_rate, cast(Rate | None, m.DEFAULT_LOGIN_RATE)
+        )
+    )
+    limits_section.finish()
+    identity = _identity(raw.get("identity"), errors)
+    top.known += ["storage", "rate_limits", "identity"]
+    no_routes: tuple[m.RouteConfig, ...] = ()
+    routes = top.get("routes", lambda v: _routes(v, server.max_body, errors), no_routes)
+    top.finish()
+    cfg = m.Config(server, wechat, token, storage, identity, limits, routes)
+    if not errors:
+        _cross_checks(cfg, errors)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load_config(path: str, env: Mapping[str, str] | None = None) -> m.Config:
+    """Read and validate ``path``; every problem is in the raised ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.load(fh, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{path}:{where}: invalid YAML: {problem}"]) from None
+    return build_config(raw, env)
+
+
+__all__ = ["ConfigError", "Rate", "build_config", "load_config"]

@@ -1,0 +1,129 @@
+"""The configuration tree: frozen, typed, built once by :mod:`gateway.config.loader`.
+
+Nothing on the request path reads YAML or environment variables; everything it
+needs is compiled from this tree at start-up.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gateway.config.units import Rate
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+AuthPolicy = Literal["required", "optional", "public"]
+
+# Defaults, named so the docs and the loader agree on one value each.
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 8080
+DEFAULT_WORKERS = 1
+DEFAULT_MAX_BODY = 10 * 1024**2
+DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_WECHAT_API_BASE = "https://api.weixin.qq.com"
+DEFAULT_WECHAT_TIMEOUT = 5.0
+DEFAULT_TOKEN_TTL = 2 * 3600.0
+DEFAULT_TOKEN_HEADER = "Authorization"  # noqa: S105 - a header name
+DEFAULT_TOKEN_ISSUER = "wx-gateway"  # noqa: S105 - an issuer name
+DEFAULT_STORAGE_URL = "sqlite:///./gateway.db"
+DEFAULT_OPENID_HEADER = "X-OpenId"
+DEFAULT_UNIONID_HEADER = "X-UnionId"
+DEFAULT_LOGIN_RATE = Rate(20, 1.0)
+DEFAULT_ROUTE_TIMEOUT = 30.0
+MIN_TOKEN_SECRET_BYTES = 32
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str`` (so logs and tracebacks
+    of a config object cannot leak it). ``reveal()`` is the one explicit way out."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    workers: int = DEFAULT_WORKERS
+    max_body: int = DEFAULT_MAX_BODY
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+
+
+@dataclass(frozen=True, slots=True)
+class WechatConfig:
+    appid: str
+    secret: Secret
+    api_base: str = DEFAULT_WECHAT_API_BASE
+    timeout: float = DEFAULT_WECHAT_TIMEOUT
+    fake: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    secret: Secret
+    previous_secrets: tuple[Secret, ...] = ()
+    ttl: float = DEFAULT_TOKEN_TTL
+    header: str = DEFAULT_TOKEN_HEADER
+    issuer: str = DEFAULT_TOKEN_ISSUER
+    leeway: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    url: str = DEFAULT_STORAGE_URL
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    openid_header: str = DEFAULT_OPENID_HEADER
+    unionid_header: str = DEFAULT_UNIONID_HEADER
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitsConfig:
+    login_per_ip: Rate | None = DEFAULT_LOGIN_RATE
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    prefix: str
+    upstreams: tuple[str, ...]
+    auth: AuthPolicy = "required"
+    strip_prefix: bool = False
+    timeout: float = DEFAULT_ROUTE_TIMEOUT
+    max_body: int | None = None
+    websocket: bool = False
+    rate_limit: Rate | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    wechat: WechatConfig
+    token: TokenConfig
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    routes: tuple[RouteConfig, ...] = ()

@@ -1,0 +1,122 @@
+"""Route rules compiled once: longest prefix first, segment-boundary matching,
+and a round-robin set of upstream targets that skips a dead one for a while."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from gateway.config import RouteConfig
+from gateway.config.model import AuthPolicy
+from gateway.paths import NormalisedPath
+
+# Contract section 8: a target that refused a connection or timed out on connect
+# is skipped for 10 s when its route has other targets.
+DEAD_FOR = 10.0
+
+
+@dataclass(slots=True)
+class Target:
+    """One upstream base URL, split once so the request path needs no URL parsing."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # "" or "/base" (no trailing slash)
+    dead_until: float = 0.0
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(url, parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
+
+    @property
+    def origin(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(slots=True)
+class Balancer:
+    targets: tuple[Target, ...]
+    clock: Callable[[], float] = time.monotonic
+    _cycle: itertools.cycle[Target] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._cycle = itertools.cycle(self.targets)
+
+    def candidates(self) -> list[Target]:
+        """Targets to try in order: the next live ones in rotation, then (as a last
+        resort, so a route never fails only because all were marked) the dead ones."""
+        if len(self.targets) == 1:
+            return [self.targets[0]]
+        now = self.clock()
+        first = next(self._cycle)
+        start = self.targets.index(first)
+        ordered = self.targets[start:] + self.targets[:start]
+        live = [t for t in ordered if t.dead_until <= now]
+        return live + [t for t in ordered if t.dead_until > now]
+
+    def mark_dead(self, target: Target) -> None:
+        if len(self.targets) > 1:
+            target.dead_until = self.clock() + DEAD_FOR
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    prefix: str
+    auth: AuthPolicy
+    strip_segments: int  # path segments dropped when strip_prefix is on (0 = off)
+    timeout: float
+    max_body: int
+    websocket: bool
+    balancer: Balancer
+    config: RouteConfig
+
+    def matches(self, path: str) -> bool:
+        # Segment boundary (contract section 8): `/api` matches `/api` and `/api/x`
+        # but not `/apix`; a prefix ending in `/` matches everything below it.
+        if not path.startswith(self.prefix):
+            return False
+        return (
+            self.prefix.endswith("/")
+            or len(path) == len(self.prefix)
+            or path[len(self.prefix)] == "/"
+        )
+
+    def upstream_path(self, path: NormalisedPath) -> str:
+        return path.strip_segments(self.strip_segments)
+
+
+class Router:
+    def __init__(self, routes: tuple[RouteConfig, ...], default_max_body: int) -> None:
+        compiled = [self._compile(r, default_max_body) for r in routes]
+        # Longest prefix first, so the first match is the most specific.
+        self.routes: tuple[Route, ...] = tuple(
+            sorted(compiled, key=lambda r: len(r.prefix), reverse=True)
+        )
+
+    @staticmethod
+    def _compile(cfg: RouteConfig, default_max_body: int) -> Route:
+        strip = cfg.prefix.rstrip("/").count("/") if cfg.strip_prefix else 0
+        return Route(
+            prefix=cfg.prefix,
+            auth=cfg.auth,
+            strip_segments=strip,
+            timeout=cfg.timeout,
+            max_body=cfg.max_body if cfg.max_body is not None else default_max_body,
+            websocket=cfg.websocket,
+            balancer=Balancer(tuple(Target.parse(u) for u in cfg.upstreams)),
+            config=cfg,
+        )
+
+    def match(self, path: str) -> Route | None:
+        for route in self.routes:
+            if route.matches(path):
+                return route
+        return None

@@ -1,0 +1,89 @@
+"""The long-lived parts behind the request path, opened once per worker:
+storage, the revocation set, the WeChat client (or the in-process fake) and
+the shared access token."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.errors import NotReady
+from gateway.sessions import Revocations
+from gateway.storage import Storage, StorageError
+from gateway.storage.sqlite import SQLiteStorage, sqlite_path_from_url
+from gateway.tokens import TokenCodec
+from gateway.wechat.access_token import AccessTokens
+from gateway.wechat.client import WechatClient
+
+log = logging.getLogger("gateway")
+
+FAKE_WARNING = (
+    "wechat.fake is true: WeChat calls are answered by the built-in FAKE WeChat. "
+    "Any code logs in. This is a development aid; never run it in production."
+)
+
+
+def open_storage(url: str) -> Storage:
+    return SQLiteStorage(sqlite_path_from_url(url))
+
+
+class Services:
+    def __init__(self, config: Config, *, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.clock = clock
+        self.tokens = TokenCodec(config.token)
+        self.storage = open_storage(config.storage.url)
+        # Revoked ids are kept locally a bit longer than any token can live.
+        retain = 2 * (config.token.ttl + config.token.leeway) + 60
+        self.sessions = Revocations(self.storage, clock, retain=retain)
+        self.wechat = WechatClient(config.wechat)
+        self.access_tokens = AccessTokens(
+            self.wechat, self.storage, clock, lease_ttl=config.wechat.timeout + 1.0
+        )
+        self._stack = contextlib.AsyncExitStack()
+
+    async def start(self) -> None:
+        try:
+            if self.config.wechat.fake:
+                await self._start_fake()
+            await self.storage.open()
+            self._stack.push_async_callback(self.storage.close)
+            await self.sessions.start()
+            self._stack.push_async_callback(self.sessions.close)
+            await self.wechat.start()
+            self._stack.push_async_callback(self.wechat.close)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start_fake(self) -> None:
+        from gateway.wechat import fake
+
+        log.warning(FAKE_WARNING)
+        runner = web.AppRunner(
+            fake.create_app(
+                appid=self.config.wechat.appid, secret=self.config.wechat.secret.reveal()
+            ),
+            access_log=None,
+        )
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        # Bind the socket ourselves to learn the ephemeral port the fake got.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        self.wechat.api_base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    async def check_ready(self) -> None:
+        try:
+            await self.storage.ping()
+        except StorageError:
+            raise NotReady("Storage is not usable.") from None

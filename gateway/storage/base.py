@@ -1,0 +1,114 @@
+"""The storage interface every backend implements.
+
+Why an ABC: the SQLite store is the embedded default, but teams will want a
+shared database later. Every backend runs the same conformance tests
+(``tests/test_storage_conformance.py``), so the gateway never depends on one
+backend's quirks. Times are passed in (``now``, epoch seconds) rather than read
+from the clock here, so tests control time without patching.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+class StorageError(Exception):
+    """The store cannot serve the call (unreachable, read-only, corrupt, busy too long)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    openid: str
+    unionid: str | None
+    # session_key is a WeChat secret: it never leaves the server, so it is kept
+    # out of repr (logs of a record must not leak it).
+    session_key: str | None
+    phone_number: str | None
+    created_at: float
+    last_login_at: float
+
+    def __repr__(self) -> str:
+        return (
+            f"UserRecord(openid={self.openid!r}, unionid={self.unionid!r}, "
+            f"session_key=<hidden>, phone_number={self.phone_number!r}, "
+            f"created_at={self.created_at!r}, last_login_at={self.last_login_at!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """A WeChat server-API access token and when the gateway stops using it."""
+
+    token: str
+    expires_at: float
+
+    def __repr__(self) -> str:
+        return f"AccessToken(token=<hidden>, expires_at={self.expires_at!r})"
+
+
+class Storage(abc.ABC):
+    """Users, revoked sessions, the shared access token and cross-process leases."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create or migrate the schema. Called once per process."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StorageError unless the store can be read *and* written (readiness)."""
+
+    # -- users -------------------------------------------------------------
+    @abc.abstractmethod
+    async def upsert_login(
+        self, openid: str, unionid: str | None, session_key: str, now: float
+    ) -> UserRecord:
+        """Record a login: create the user or update session_key/last_login (and unionid
+        when one is given; a login without unionid keeps a known one). Durable (committed)
+        when it returns."""
+
+    @abc.abstractmethod
+    async def get_user(self, openid: str) -> UserRecord | None: ...
+
+    @abc.abstractmethod
+    async def set_phone(self, openid: str, phone_number: str, now: float) -> None: ...
+
+    # -- sessions ----------------------------------------------------------
+    @abc.abstractmethod
+    async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
+        """Revoke one session until ``expires_at`` (the token's exp; after that the
+        record may be purged, the token being dead anyway). Idempotent."""
+
+    @abc.abstractmethod
+    async def revoked_since(self, cursor: int) -> tuple[list[str], int]:
+        """Session ids revoked after ``cursor`` and the new cursor. ``cursor=0`` returns
+        every revocation still stored. Workers poll this to keep a local revocation set."""
+
+    @abc.abstractmethod
+    async def purge_expired(self, now: float) -> int:
+        """Drop revocations whose token has expired; returns how many."""
+
+    # -- WeChat access token (shared by all workers) -----------------------
+    @abc.abstractmethod
+    async def get_access_token(self) -> AccessToken | None: ...
+
+    @abc.abstractmethod
+    async def put_access_token(self, token: AccessToken) -> None: ...
+
+    @abc.abstractmethod
+    async def clear_access_token(self, token: str) -> None:
+        """Forget the cached token if it is still ``token`` (a newer one is kept)."""
+
+    # -- leases: one holder at a time across processes ---------------------
+    @abc.abstractmethod
+    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        """Take lease ``name`` for ``holder`` if free or expired; True when taken
+        (or already held by ``holder``, which renews it)."""
+
+    @abc.abstractmethod
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease back if ``holder`` still holds it."""

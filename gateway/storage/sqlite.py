@@ -1,0 +1,348 @@
+"""The embedded store: one SQLite file shared by every worker process.
+
+Why it is shaped this way:
+
+* One aiosqlite connection per process, and an asyncio lock around every
+  transaction: coroutines of one process would otherwise interleave statements
+  inside each other's transactions on the shared connection.
+* WAL lets readers run beside the one writer; writes take the write lock up
+  front (``BEGIN IMMEDIATE``) so two processes never deadlock upgrading a read
+  lock, and stay short. SQLite serialises writers, so revocation ids become
+  visible in id order and a cursor never skips a late commit.
+* "database is locked" is retried with backoff after ``busy_timeout``, then
+  becomes StorageError; every sqlite error does. SQLite's messages name tables
+  and columns, never bound values, and every value here is bound, so no session
+  key or token can end up in a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from gateway.storage.base import AccessToken, Storage, StorageError, UserRecord
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStorage", "sqlite_path_from_url"]
+
+T = TypeVar("T")
+Op = Callable[[aiosqlite.Connection], Awaitable[T]]
+
+DEFAULT_BUSY_TIMEOUT = 5.0  # seconds SQLite itself waits for another process's lock
+DEFAULT_ATTEMPTS = 4  # then "database is locked" becomes StorageError
+MEMORY = ":memory:"
+_URL_PREFIX = "sqlite:///"
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+# Schema steps keyed by the version they produce. A later version appends a key;
+# a step never changes once released, since files in the field already ran it.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE users (
+            openid TEXT PRIMARY KEY, unionid TEXT, session_key TEXT, phone_number TEXT,
+            created_at REAL NOT NULL, last_login_at REAL NOT NULL)""",
+        # AUTOINCREMENT: ids are never reused, even after purging the newest rows,
+        # so a worker's cursor cannot hide a later revocation behind a recycled id.
+        """CREATE TABLE revocations (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL UNIQUE,
+            expires_at REAL NOT NULL, revoked_at REAL NOT NULL)""",
+        "CREATE INDEX revocations_expires_at ON revocations (expires_at)",
+        # One row at most: the token every worker shares.
+        """CREATE TABLE access_token (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            token TEXT NOT NULL, expires_at REAL NOT NULL)""",
+        """CREATE TABLE leases (
+            name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL)""",
+    ),
+}
+SCHEMA_VERSION = max(_MIGRATIONS)
+
+_UPSERT_LOGIN = """INSERT INTO users
+    (openid, unionid, session_key, phone_number, created_at, last_login_at)
+    VALUES (?, ?, ?, NULL, ?, ?)
+    ON CONFLICT (openid) DO UPDATE SET
+        unionid = COALESCE(excluded.unionid, users.unionid),
+        session_key = excluded.session_key,
+        last_login_at = excluded.last_login_at
+    RETURNING openid, unionid, session_key, phone_number, created_at, last_login_at"""
+_SELECT_USER = """SELECT openid, unionid, session_key, phone_number, created_at, last_login_at
+    FROM users WHERE openid = ?"""
+# An upsert, not an UPDATE: if the record is gone (a wiped database while the
+# token lives on) the number is still stored rather than silently dropped.
+_SET_PHONE = """INSERT INTO users
+    (openid, unionid, session_key, phone_number, created_at, last_login_at)
+    VALUES (?, NULL, NULL, ?, ?, ?)
+    ON CONFLICT (openid) DO UPDATE SET phone_number = excluded.phone_number"""
+
+
+def sqlite_path_from_url(url: str) -> str:
+    """``sqlite:///./gateway.db`` -> ``./gateway.db``; ``sqlite:////abs.db`` -> ``/abs.db``;
+    ``sqlite:///:memory:`` -> ``:memory:`` (one process only: tests)."""
+    if not url.startswith(_URL_PREFIX):
+        raise ValueError(
+            f"{url!r} is not a SQLite URL: use sqlite:///relative/path.db or "
+            "sqlite:////absolute/path.db"
+        )
+    path = url[len(_URL_PREFIX) :]
+    if not path:
+        raise ValueError(f"{url!r} names no database file (e.g. sqlite:///./gateway.db)")
+    # Options are not supported: refusing them beats silently ignoring a typo.
+    if any(char in path for char in "?#\x00"):
+        raise ValueError(f"{url!r}: query strings, fragments and NUL are not supported")
+    return path
+
+
+class SQLiteStorage(Storage):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        attempts: int = DEFAULT_ATTEMPTS,
+    ) -> None:
+        self.path = str(path)
+        self._busy_timeout = busy_timeout
+        self._attempts = max(1, attempts)
+        self._conn: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        state = "open" if self._conn is not None else "closed"
+        return f"SQLiteStorage(path={self.path!r}, {state})"
+
+    # -- lifecycle ---------------------------------------------------------
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        if sqlite3.sqlite_version_info < (3, 35, 0):
+            # RETURNING (used by upsert_login and acquire_lease) arrived in 3.35.
+            raise StorageError(f"SQLite {sqlite3.sqlite_version} is too old; 3.35+ is needed")
+        try:
+            if self.path != MEMORY:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we write BEGIN/COMMIT ourselves, so the sqlite3
+            # module never opens a transaction behind our back.
+            self._conn = await aiosqlite.connect(
+                self.path, isolation_level=None, timeout=self._busy_timeout
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"storage: cannot open {self.path!r} ({_describe(exc)})") from exc
+        self._conn.row_factory = sqlite3.Row
+        try:
+            await self._run("configure", self._configure, write=False)
+            await self._run("migrate", self._migrate)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _configure(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        # WAL + synchronous=NORMAL: a commit is appended to the WAL before COMMIT
+        # returns, so it survives kill -9 of the process (only an OS crash or power
+        # loss can drop the last commits, and never corrupts the file).
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = NORMAL")
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        # Inside BEGIN IMMEDIATE: of several workers starting at once, one migrates
+        # and the others then see the new version.
+        version = await _scalar(conn, "PRAGMA user_version")
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"storage: {self.path!r} has schema version {version}, newer than this "
+                f"gateway's {SCHEMA_VERSION}; upgrade the gateway instead"
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {int(step)}")
+
+    async def close(self) -> None:
+        # Under the lock: a transaction already under way finishes first.
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await conn.close()
+
+    async def ping(self) -> None:
+        async def check(conn: aiosqlite.Connection) -> None:
+            await _scalar(conn, "SELECT count(*) FROM access_token")
+
+        # write=True: taking the write lock is the check that a read-only or
+        # wedged file fails. One attempt: readiness should answer, not wait.
+        await self._run("ping", check, attempts=1)
+
+    # -- users -------------------------------------------------------------
+    async def upsert_login(
+        self, openid: str, unionid: str | None, session_key: str, now: float
+    ) -> UserRecord:
+        async def upsert(conn: aiosqlite.Connection) -> UserRecord:
+            rows = await conn.execute_fetchall(
+                _UPSERT_LOGIN, (openid, unionid, session_key, now, now)
+            )
+            return _user(next(iter(rows)))
+
+        return await self._run("upsert_login", upsert)
+
+    async def get_user(self, openid: str) -> UserRecord | None:
+        async def get(conn: aiosqlite.Connection) -> UserRecord | None:
+            rows = await conn.execute_fetchall(_SELECT_USER, (openid,))
+            return next((_user(row) for row in rows), None)
+
+        return await self._run("get_user", get, write=False)
+
+    async def set_phone(self, openid: str, phone_number: str, now: float) -> None:
+        await self._write("set_phone", _SET_PHONE, (openid, phone_number, now, now))
+
+    # -- sessions ----------------------------------------------------------
+    async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
+        await self._write(
+            "revoke_session",
+            "INSERT OR IGNORE INTO revocations (session_id, expires_at, revoked_at) "
+            "VALUES (?, ?, ?)",
+            (session_id, expires_at, now),
+        )
+
+    async def revoked_since(self, cursor: int) -> tuple[list[str], int]:
+        async def since(conn: aiosqlite.Connection) -> tuple[list[str], int]:
+            rows = list(
+                await conn.execute_fetchall(
+                    "SELECT id, session_id FROM revocations WHERE id > ? ORDER BY id",
+                    (cursor,),
+                )
+            )
+            return [row["session_id"] for row in rows], (rows[-1]["id"] if rows else cursor)
+
+        return await self._run("revoked_since", since, write=False)
+
+    async def purge_expired(self, now: float) -> int:
+        return await self._write(
+            "purge_expired", "DELETE FROM revocations WHERE expires_at < ?", (now,)
+        )
+
+    # -- WeChat access token -----------------------------------------------
+    async def get_access_token(self) -> AccessToken | None:
+        async def get(conn: aiosqlite.Connection) -> AccessToken | None:
+            rows = await conn.execute_fetchall(
+                "SELECT token, expires_at FROM access_token WHERE id = 1"
+            )
+            return next((AccessToken(row["token"], row["expires_at"]) for row in rows), None)
+
+        return await self._run("get_access_token", get, write=False)
+
+    async def put_access_token(self, token: AccessToken) -> None:
+        await self._write(
+            "put_access_token",
+            """INSERT INTO access_token (id, token, expires_at) VALUES (1, ?, ?)
+            ON CONFLICT (id) DO UPDATE SET
+                token = excluded.token, expires_at = excluded.expires_at""",
+            (token.token, token.expires_at),
+        )
+
+    async def clear_access_token(self, token: str) -> None:
+        await self._write(
+            "clear_access_token", "DELETE FROM access_token WHERE id = 1 AND token = ?", (token,)
+        )
+
+    # -- leases ------------------------------------------------------------
+    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        async def acquire(conn: aiosqlite.Connection) -> bool:
+            # The DO UPDATE's WHERE refuses a live lease held by someone else; then no
+            # row comes back. Insert, renewal and takeover are one statement.
+            rows = await conn.execute_fetchall(
+                """INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)
+                ON CONFLICT (name) DO UPDATE SET
+                    holder = excluded.holder, expires_at = excluded.expires_at
+                WHERE leases.holder = excluded.holder OR leases.expires_at <= ?
+                RETURNING holder""",
+                (name, holder, now + ttl, now),
+            )
+            return any(True for _ in rows)
+
+        return await self._run("acquire_lease", acquire)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._write(
+            "release_lease", "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)
+        )
+
+    # -- transactions ------------------------------------------------------
+    async def _write(self, what: str, sql: str, params: tuple[Any, ...]) -> int:
+        async def write(conn: aiosqlite.Connection) -> int:
+            async with conn.execute(sql, params) as cursor:
+                return cursor.rowcount
+
+        return await self._run(what, write)
+
+    async def _run(
+        self, what: str, op: Op[T], *, write: bool = True, attempts: int | None = None
+    ) -> T:
+        # Shielded: a cancelled caller (shutdown, client gone) must not leave the
+        # shared connection inside an open transaction holding the write lock
+        # that every other worker is waiting for.
+        return await asyncio.shield(self._locked(what, op, write, attempts or self._attempts))
+
+    async def _locked(self, what: str, op: Op[T], write: bool, attempts: int) -> T:
+        async with self._lock:
+            attempt = 1
+            while True:
+                conn = self._conn
+                if conn is None:
+                    raise StorageError(f"storage: {what} called while the store is closed")
+                try:
+                    return await _transaction(conn, op, write)
+                except sqlite3.Error as exc:
+                    if not _is_busy(exc) or attempt >= attempts:
+                        raise StorageError(f"storage: {what} failed ({_describe(exc)})") from exc
+                # Jitter keeps workers that collided from colliding again in step.
+                await asyncio.sleep(0.05 * 2**attempt * (0.5 + random.random()))  # noqa: S311
+                attempt += 1
+
+
+async def _transaction(conn: aiosqlite.Connection, op: Op[T], write: bool) -> T:
+    if write:
+        await conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = await op(conn)
+        if write:
+            await conn.execute("COMMIT")
+        return result
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+        raise
+
+
+async def _scalar(conn: aiosqlite.Connection, sql: str) -> int:
+    rows = list(await conn.execute_fetchall(sql))
+    return int(rows[0][0])
+
+
+def _user(row: sqlite3.Row) -> UserRecord:
+    return UserRecord(
+        openid=row["openid"],
+        unionid=row["unionid"],
+        session_key=row["session_key"],
+        phone_number=row["phone_number"],
+        created_at=row["created_at"],
+        last_login_at=row["last_login_at"],
+    )
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    # Extended codes (SQLITE_BUSY_SNAPSHOT, ...) carry the primary code in the low byte.
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and (code & 0xFF) in _BUSY_CODES
+
+
+def _describe(exc: BaseException) -> str:
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    return f"{name}: {exc}"

@@ -1,0 +1,129 @@
+"""The gateway's own tokens: HS256 JWTs, a ``kid`` per key for rotation.
+
+Signing uses ``token.secret`` only; verification accepts it and every
+``token.previous_secrets`` entry, picked by the ``kid`` header, so an old key
+can be retired on a schedule instead of logging everyone out at once.
+Only HS256 is accepted: pyjwt is given the one algorithm explicitly, which
+rejects ``none`` and algorithm-confusion tricks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from gateway.config import Secret, TokenConfig
+from gateway.errors import TokenExpired, TokenInvalid, TokenMissing
+
+ALGORITHM = "HS256"
+_REQUIRED_CLAIMS = ["exp", "iat", "iss", "sub", "sid"]
+# A JWT is three base64url parts; anything much longer is garbage or abuse.
+MAX_TOKEN_LENGTH = 4096
+
+
+def key_id(secret: Secret) -> str:
+    """A stable, non-reversible name for a key (HMAC of a label under the key)."""
+    digest = hmac.new(secret.reveal().encode(), b"wx-gateway key id", hashlib.sha256)
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    openid: str
+    unionid: str | None
+    session_id: str
+    issued_at: int
+    expires_at: int
+
+
+class TokenCodec:
+    """Issues and verifies tokens with the keys compiled once from the config."""
+
+    def __init__(self, config: TokenConfig) -> None:
+        self._config = config
+        self._signing_key = config.secret.reveal().encode()
+        self._signing_kid = key_id(config.secret)
+        self._keys: dict[str, bytes] = {
+            key_id(s): s.reveal().encode() for s in (*config.previous_secrets, config.secret)
+        }
+        self.ttl = int(config.ttl)
+
+    def issue(self, openid: str, unionid: str | None, now: float) -> tuple[str, Claims]:
+        claims = Claims(
+            openid=openid,
+            unionid=unionid,
+            session_id=secrets.token_urlsafe(16),
+            issued_at=int(now),
+            expires_at=int(now) + self.ttl,
+        )
+        payload: dict[str, Any] = {
+            "sub": claims.openid,
+            "iss": self._config.issuer,
+            "iat": claims.issued_at,
+            "exp": claims.expires_at,
+            "sid": claims.session_id,
+        }
+        if unionid:
+            payload["uid"] = unionid
+        token = jwt.encode(
+            payload, self._signing_key, algorithm=ALGORITHM, headers={"kid": self._signing_kid}
+        )
+        return token, claims
+
+    def verify(self, token: str, now: float) -> Claims:
+        """Claims of a valid token; TokenInvalid / TokenExpired otherwise."""
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise TokenInvalid()
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenInvalid() from None
+        kid = header.get("kid")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise TokenInvalid("The token was not signed by a known key.")
+        try:
+            payload = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                issuer=self._config.issuer,
+                leeway=self._config.leeway,
+                options={"require": _REQUIRED_CLAIMS, "verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenExpired() from None
+        except jwt.PyJWTError:
+            raise TokenInvalid() from None
+        # pyjwt checks `exp` against its own clock; the gateway's clock is injected
+        # (tests, and one `now` per request), so check it here as well.
+        exp, iat = payload["exp"], payload["iat"]
+        if not all(isinstance(v, int) for v in (exp, iat)):
+            raise TokenInvalid()
+        if exp + self._config.leeway <= now:
+            raise TokenExpired()
+        sub, sid, uid = payload["sub"], payload["sid"], payload.get("uid")
+        if not isinstance(sub, str) or not sub or not isinstance(sid, str) or not sid:
+            raise TokenInvalid()
+        return Claims(sub, uid if isinstance(uid, str) else None, sid, iat, exp)
+
+
+def bearer_from_header(value: str | None, bearer: bool) -> str:
+    """The token carried by the token header's value, or TokenMissing / TokenInvalid.
+
+    With ``Authorization`` the value is ``Bearer <token>``; a custom header carries
+    the bare token."""
+    if value is None or not value.strip():
+        raise TokenMissing()
+    value = value.strip()
+    if not bearer:
+        return value
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise TokenInvalid("The Authorization header must be 'Bearer <token>'.")
+    return token.strip()

@@ -1,0 +1,102 @@
+"""WeChat access tokens: cached, shared by every worker, fetched by one at a time.
+
+The token lives in storage so all workers (and gateways on one database) share
+it. A cross-process lease in storage makes one caller fetch while the others
+wait for the result: ``stable_token`` is rate limited, and a thundering herd
+at expiry would burn the quota. ``stable_token`` is used rather than
+``cgi-bin/token`` because it does not invalidate the token others hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from gateway.errors import WechatError, WechatTimeout
+from gateway.storage import AccessToken, Storage
+from gateway.wechat.client import AccessTokenRejected, WechatClient
+
+LEASE = "wechat-access-token"
+# Treat a token as expired this long before WeChat would (never more than a tenth of its life).
+MAX_MARGIN = 300.0
+WAIT_STEP = 0.05
+T = TypeVar("T")
+
+
+class AccessTokens:
+    def __init__(
+        self,
+        client: WechatClient,
+        storage: Storage,
+        clock: Callable[[], float],
+        *,
+        lease_ttl: float,
+    ) -> None:
+        self._client = client
+        self._storage = storage
+        self._clock = clock
+        self._lease_ttl = lease_ttl
+        self._holder = secrets.token_hex(8)
+        self._cached: AccessToken | None = None
+        self._lock = asyncio.Lock()
+        self.fetches = 0
+
+    def _fresh(self, token: AccessToken | None) -> bool:
+        return token is not None and token.expires_at > self._clock()
+
+    async def get(self, *, not_this: str | None = None) -> str:
+        """A valid token; ``not_this`` names one WeChat just rejected."""
+        cached = self._cached
+        if self._fresh(cached) and cached is not None and cached.token != not_this:
+            return cached.token
+        async with self._lock:  # single flight inside this process ...
+            deadline = self._clock() + self._lease_ttl * 2
+            while True:
+                stored = await self._storage.get_access_token()
+                if self._fresh(stored) and stored is not None and stored.token != not_this:
+                    self._cached = stored
+                    return stored.token
+                # ... and across processes through the storage lease.
+                if await self._storage.acquire_lease(
+                    LEASE, self._holder, self._lease_ttl, self._clock()
+                ):
+                    try:
+                        return await self._fetch(force=not_this is not None)
+                    finally:
+                        await self._storage.release_lease(LEASE, self._holder)
+                if self._clock() > deadline:
+                    raise WechatTimeout("Timed out waiting for another worker's access token.")
+                await asyncio.sleep(WAIT_STEP)
+
+    async def _fetch(self, *, force: bool) -> str:
+        self.fetches += 1
+        token, expires_in = await self._client.stable_token(force_refresh=force)
+        margin = min(MAX_MARGIN, expires_in / 10)
+        entry = AccessToken(token, self._clock() + expires_in - margin)
+        await self._storage.put_access_token(entry)
+        self._cached = entry
+        return token
+
+    async def invalidate(self, token: str) -> None:
+        if self._cached is not None and self._cached.token == token:
+            self._cached = None
+        await self._storage.clear_access_token(token)
+
+    async def call(self, api: Callable[[str], Awaitable[T]]) -> T:
+        """Run ``api(token)``; on a rejected token refetch once and retry once."""
+        token = await self.get()
+        try:
+            return await api(token)
+        except AccessTokenRejected:
+            await self.invalidate(token)
+        token = await self.get(not_this=token)
+        try:
+            return await api(token)
+        except AccessTokenRejected as exc:
+            await self.invalidate(token)
+            raise WechatError(
+                f"WeChat rejected a fresh access token (errcode {exc.errcode}).",
+                wechat_errcode=exc.errcode,
+            ) from None
