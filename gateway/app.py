@@ -148,6 +148,14 @@ class Gateway:
         self, request: web.BaseRequest, scope: Scope, route: Route, path: NormalisedPath, query: str
     ) -> web.StreamResponse:
         scope.identity = identity = self.identity.for_route(request.headers, route.auth)
+        if route.limiter is not None:
+            # Keys are namespaced so an openid can never collide with an address.
+            key = (
+                "o:" + identity.openid
+                if identity
+                else "ip:" + self.rules.client_ip(request.headers, request.remote)
+            )
+            route.limiter.check(key)
         upgrade = proxy.is_upgrade(request)
         if upgrade and not (route.websocket and proxy.is_websocket_upgrade(request)):
             raise BadRequest("Upgrade is not allowed on this route.")

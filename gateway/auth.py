@@ -17,6 +17,7 @@ from gateway.config import Config
 from gateway.errors import BadRequest, BodyTooLarge, DecryptFailed, SessionExpired
 from gateway.headers import HeaderRules
 from gateway.identity import Identity, IdentityResolver
+from gateway.ratelimit import RateLimiter
 from gateway.services import Services
 from gateway.wechat import crypto
 from gateway.wechat.client import PhoneInfo, phone_info_from
@@ -66,6 +67,8 @@ class AuthEndpoints:
         self._services = services
         self._identity = identity
         self._rules = rules
+        rate = config.rate_limits.login_per_ip
+        self._login_limiter = RateLimiter(rate) if rate else None
 
     def endpoints(self) -> dict[str, dict[str, Handler]]:
         return {
@@ -78,6 +81,8 @@ class AuthEndpoints:
         }
 
     async def login(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+        if self._login_limiter is not None:
+            self._login_limiter.check(self._rules.client_ip(request.headers, request.remote))
         code = string_field(await read_json_object(request), "code", MAX_CODE_LENGTH)
         services = self._services
         session = await services.wechat.code2session(code)

@@ -123,6 +123,13 @@ class BodyTooLarge(GatewayError):
 class RateLimited(GatewayError):
     status, code, default_message = 429, "rate_limited", "Too many requests."
 
+    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
 
 class WechatRateLimited(GatewayError):
     status, code, default_message = 429, "wechat_rate_limited", "WeChat is rate limiting us."

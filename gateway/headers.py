@@ -86,6 +86,17 @@ class HeaderRules:
             return False
         return any(address in net for net in self._trusted)
 
+    def client_ip(self, inbound: CIMultiDictProxy[str], peer: str | None) -> str:
+        """The client's address: the peer, or behind trusted proxies the rightmost
+        X-Forwarded-For entry that is not itself a trusted proxy."""
+        if not self.is_trusted(peer):
+            return peer or "unknown"
+        hops = [h.strip() for v in inbound.getall("X-Forwarded-For", ()) for h in v.split(",")]
+        for hop in reversed(hops):
+            if hop and not self.is_trusted(hop):
+                return hop
+        return peer or "unknown"
+
     def upstream_request(
         self,
         inbound: CIMultiDictProxy[str],

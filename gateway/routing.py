@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from gateway.config import RouteConfig
 from gateway.config.model import AuthPolicy
 from gateway.paths import NormalisedPath
+from gateway.ratelimit import RateLimiter
 
 # Contract section 8: a target that refused a connection or timed out on connect
 # is skipped for 10 s when its route has other targets.
@@ -77,6 +78,7 @@ class Route:
     websocket: bool
     balancer: Balancer
     config: RouteConfig
+    limiter: RateLimiter | None  # per openid, or per client IP when anonymous
 
     def matches(self, path: str) -> bool:
         # Segment boundary (contract section 8): `/api` matches `/api` and `/api/x`
@@ -113,6 +115,7 @@ class Router:
             websocket=cfg.websocket,
             balancer=Balancer(tuple(Target.parse(u) for u in cfg.upstreams)),
             config=cfg,
+            limiter=RateLimiter(cfg.rate_limit) if cfg.rate_limit else None,
         )
 
     def match(self, path: str) -> Route | None:

@@ -1,0 +1,89 @@
+"""Shared helpers for the benchmarks: free ports, subprocesses, wrk output."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError as exc:
+            if getattr(exc, "code", None):  # any HTTP answer means it is up
+                return
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def need_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if not wrk:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    return wrk
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    """req/s, p50/p99 latency (ms) and non-2xx count from `wrk --latency` output."""
+    result: dict[str, float] = {"non2xx": 0.0}
+    if m := re.search(r"Requests/sec:\s+([\d.]+)", output):
+        result["rps"] = float(m.group(1))
+    for pct in ("50", "99"):
+        if m := re.search(rf"^\s+{pct}(?:\.0+)?%\s+([\d.]+)(us|ms|s)", output, re.M):
+            result[f"p{pct}"] = float(m.group(1)) * _UNITS[m.group(2)]
+    if m := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output):
+        result["non2xx"] = float(m.group(1))
+    if m := re.search(r"Socket errors:.*", output):
+        result["socket_errors"] = float(sum(int(n) for n in re.findall(r"\d+", m.group(0))))
+    return result
+
+
+def env_without(*names: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in names}
