@@ -16,7 +16,7 @@ from gateway.config import Config
 from gateway.config.model import AuthPolicy
 from gateway.errors import TokenInvalid, TokenMissing, TokenRevoked
 from gateway.sessions import Revocations
-from gateway.tokens import TokenCodec, bearer_from_header
+from gateway.tokens import TokenCodec, VerifiedTokens, bearer_from_header
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class IdentityResolver:
     ) -> None:
         self._header = config.token.header
         self._bearer = self._header.lower() == "authorization"
-        self._tokens = tokens
+        self._tokens = VerifiedTokens(tokens, config.token.leeway)
         self._revocations = revocations
         self._clock = clock
 

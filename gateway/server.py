@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -129,8 +130,19 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    # uvloop's event loop (libuv) roughly halves the loop's own overhead per
+    # request; the standard loop is the fallback where uvloop is not installed.
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run_worker(config: Config, *, reuse_port: bool = False, parent_pid: int | None = None) -> int:
-    asyncio.run(serve(config, reuse_port=reuse_port, parent_pid=parent_pid))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve(config, reuse_port=reuse_port, parent_pid=parent_pid))
     return 0
 
 

@@ -113,6 +113,38 @@ class TokenCodec:
         return Claims(sub, uid if isinstance(uid, str) else None, sid, iat, exp)
 
 
+class VerifiedTokens:
+    """Claims of tokens already verified, keyed by the exact token string.
+
+    Verifying an HS256 JWT (base64, JSON, HMAC) is a large share of a proxied
+    request's cost, and a mini program sends the same token for hours. The
+    signature of a given string never changes verdict while the keys are fixed,
+    so a hit only re-checks ``exp`` against the injected clock (revocation is
+    checked by the caller on every request). Bounded: when full, the oldest
+    entries go first.
+    """
+
+    def __init__(self, codec: TokenCodec, leeway: float, max_entries: int = 50_000) -> None:
+        self._codec = codec
+        self._leeway = leeway
+        self._max = max_entries
+        self._claims: dict[str, Claims] = {}
+
+    def verify(self, token: str, now: float) -> Claims:
+        claims = self._claims.get(token)
+        if claims is None:
+            claims = self._codec.verify(token, now)
+            if len(self._claims) >= self._max:
+                # dicts keep insertion order: drop the oldest tenth in one go.
+                for old in list(self._claims)[: self._max // 10 or 1]:
+                    del self._claims[old]
+            self._claims[token] = claims
+        elif claims.expires_at + self._leeway <= now:
+            del self._claims[token]
+            raise TokenExpired()
+        return claims
+
+
 def bearer_from_header(value: str | None, bearer: bool) -> str:
     """The token carried by the token header's value, or TokenMissing / TokenInvalid.
 

@@ -1,0 +1,180 @@
+"""The proxy-path benchmark (docs/performance.md): wx-gateway beside the upstream
+alone, HAProxy doing the same token check, and a plain aiohttp proxy.
+
+On loopback, interleaved rounds, medians; `wrk -t1 -c32` keep-alive GETs with a
+valid token. Needs nginx, haproxy (>= 2.5 for jwt_verify) and wrk:
+    apt-get install nginx-light haproxy wrk
+    python -m bench.proxy [--rounds 2] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import yaml
+
+from bench.common import free_port, need_wrk, parse_wrk, start, stop, wait_http
+from gateway.config import Secret, TokenConfig
+from gateway.tokens import TokenCodec
+
+SECRET = "bench-token-secret-0123456789abcdef0123456789"
+
+NGINX = """
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+  server {{
+    listen 127.0.0.1:{port};
+    keepalive_requests 1000000;
+    location / {{ return 200 "hello from upstream\\n"; }}
+  }}
+}}
+"""
+
+# The HS256 check a team would write in HAProxy instead of wx-gateway.
+HAPROXY = """
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{port}
+  http-request set-var(txn.bearer) http_auth_bearer
+  http-request deny deny_status 401 unless {{ var(txn.bearer) -m found }}
+  http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg')
+  http-request deny deny_status 401 unless {{ var(txn.alg) -m str HS256 }}
+  http-request deny deny_status 401 unless {{ var(txn.bearer),jwt_verify(txn.alg,"{secret}") -m int 1 }}
+  http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('$.exp','int')
+  http-request set-var(txn.now) date()
+  http-request deny deny_status 401 unless {{ var(txn.exp),sub(txn.now) -m int gt 0 }}
+  http-request del-header X-OpenId
+  http-request del-header Authorization
+  http-request set-header X-OpenId %[var(txn.bearer),jwt_payload_query('$.sub')]
+  default_backend be
+backend be
+  http-reuse always
+  server s1 127.0.0.1:{upstream_port}
+"""
+
+
+def wrk_run(url: str, token: str, seconds: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        [need_wrk(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+         "-H", f"Authorization: Bearer {token}", url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return parse_wrk(out)
+
+
+def _measure(port: int, token: str, connections: int, seconds: int) -> dict[str, float]:
+    return wrk_run(f"http://127.0.0.1:{port}/api/x", token, seconds, connections)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--only", nargs="*", help="subset of targets to run")
+    args = parser.parse_args()
+    for tool in ("nginx", "haproxy"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            raise SystemExit(f"{tool} is needed: apt-get install nginx-light haproxy wrk")
+    token = TokenCodec(TokenConfig(secret=Secret(SECRET))).issue("o-bench-user", None, time.time())[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        ports = {name: free_port() for name in ("nginx", "haproxy", "plain", "gw1", "gw2")}
+        upstream = f"http://127.0.0.1:{ports['nginx']}"
+        Path(tmp, "nginx.conf").write_text(NGINX.format(tmp=tmp, port=ports["nginx"]))
+        Path(tmp, "haproxy.cfg").write_text(
+            HAPROXY.format(port=ports["haproxy"], upstream_port=ports["nginx"], secret=SECRET)
+        )
+        procs = [
+            subprocess.Popen(["nginx", "-c", f"{tmp}/nginx.conf"], stderr=subprocess.DEVNULL),
+            subprocess.Popen(["haproxy", "-f", f"{tmp}/haproxy.cfg"], stderr=subprocess.DEVNULL),
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.plain_proxy", str(ports["plain"]), upstream, SECRET],
+                cwd=Path(__file__).parent.parent,
+            ),
+        ]
+        for workers, name in ((1, "gw1"), (2, "gw2")):
+            config = {
+                "server": {"host": "127.0.0.1", "port": ports[name], "workers": workers},
+                "wechat": {"appid": "wxbench", "secret": "x", "fake": True},
+                "token": {"secret": SECRET},
+                "storage": {"url": f"sqlite:///{tmp}/{name}.db"},
+                "routes": [{"prefix": "/", "upstream": upstream}],
+            }
+            Path(tmp, f"{name}.yaml").write_text(yaml.safe_dump(config))
+            procs.append(start(["run", "-c", f"{tmp}/{name}.yaml"], env={**os.environ}))
+        try:
+            for name, port in ports.items():
+                wait_http(f"http://127.0.0.1:{port}/healthz")
+            names = [n for n in ports if not args.only or n in args.only]
+            targets: dict[str, Callable[[int], dict[str, float]]] = {
+                name: partial(_measure, ports[name], token, args.connections) for name in names
+            }
+            for run in targets.values():  # warm-up: pools filled, code paths hot
+                run(2)
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+            for _ in range(args.rounds):
+                for name, run in targets.items():
+                    results[name].append(run(args.seconds))
+        finally:
+            for proc in reversed(procs):
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    report(results)
+
+
+LABELS = {
+    "nginx": "upstream direct (nginx)",
+    "haproxy": "HAProxy 2.6, jwt_verify, 1 thread",
+    "plain": "plain aiohttp proxy",
+    "gw1": "wx-gateway, workers: 1",
+    "gw2": "wx-gateway, workers: 2",
+}
+
+
+def report(results: dict[str, list[dict[str, float]]]) -> None:
+    med = {
+        name: {k: statistics.median(r.get(k, 0.0) for r in runs) for k in ("rps", "p50", "p99", "non2xx")}
+        for name, runs in results.items()
+    }
+    print("| target | req/s | p50 ms | p99 ms | non-2xx | rounds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, m in med.items():
+        print(f"| {LABELS[name]} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['non2xx']:.0f} | {len(results[name])} |")
+    if "haproxy" in med:
+        for name in ("gw1", "gw2"):
+            if name in med and med["haproxy"]["rps"]:
+                print(f"{LABELS[name]} / HAProxy: {med[name]['rps'] / med['haproxy']['rps']:.2f}x")
+    if "plain" in med and "gw1" in med and med["plain"]["rps"]:
+        print(f"wx-gateway (1 worker) / plain aiohttp: {med['gw1']['rps'] / med['plain']['rps']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
