@@ -56,8 +56,16 @@ def main() -> None:
         try:
             wait_http(f"http://127.0.0.1:{wechat_port}/_fake/stats")
             wait_http(f"http://127.0.0.1:{gw_port}/healthz")
-            cmd = [wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency",
-                   "-s", str(Path(tmp) / "login.lua"), f"http://127.0.0.1:{gw_port}"]
+            cmd = [
+                wrk,
+                "-t1",
+                f"-c{args.connections}",
+                f"-d{args.seconds}s",
+                "--latency",
+                "-s",
+                str(Path(tmp) / "login.lua"),
+                f"http://127.0.0.1:{gw_port}",
+            ]
             subprocess.run([*cmd[:4], "-d2s", *cmd[5:]], capture_output=True, check=True)  # warm-up
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         finally:

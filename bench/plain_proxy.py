@@ -20,16 +20,27 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 async def handle(request: web.Request) -> web.Response:
     auth = request.headers.get("Authorization", "")
     try:
-        claims = jwt.decode(auth[7:], request.app[SECRET], algorithms=["HS256"], issuer="wx-gateway")
+        claims = jwt.decode(
+            auth[7:], request.app[SECRET], algorithms=["HS256"], issuer="wx-gateway"
+        )
     except jwt.PyJWTError:
         return web.json_response({"error": "token_invalid"}, status=401)
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "authorization", "x-openid")}
+    headers = {
+        k: v
+        for k, v in request.headers.items()
+        if k.lower() not in ("host", "authorization", "x-openid")
+    }
     headers["X-OpenId"] = claims["sub"]
     async with request.app[SESSION].request(
-        request.method, request.app[UPSTREAM] + request.path_qs, headers=headers, data=await request.read()
+        request.method,
+        request.app[UPSTREAM] + request.path_qs,
+        headers=headers,
+        data=await request.read(),
     ) as resp:
         body = await resp.read()
-        return web.Response(status=resp.status, body=body, headers={"Content-Type": resp.content_type})
+        return web.Response(
+            status=resp.status, body=body, headers={"Content-Type": resp.content_type}
+        )
 
 
 async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import free_port, need_wrk, parse_wrk, start, stop, wait_http
+from bench.common import free_port, need_wrk, parse_wrk, start, wait_http
 from gateway.config import Secret, TokenConfig
 from gateway.tokens import TokenCodec
 
@@ -80,9 +80,19 @@ backend be
 
 def wrk_run(url: str, token: str, seconds: int, connections: int) -> dict[str, float]:
     out = subprocess.run(
-        [need_wrk(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-         "-H", f"Authorization: Bearer {token}", url],
-        capture_output=True, text=True, check=True,
+        [
+            need_wrk(),
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {token}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return parse_wrk(out)
 
@@ -101,7 +111,9 @@ def main() -> None:
     for tool in ("nginx", "haproxy"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             raise SystemExit(f"{tool} is needed: apt-get install nginx-light haproxy wrk")
-    token = TokenCodec(TokenConfig(secret=Secret(SECRET))).issue("o-bench-user", None, time.time())[0]
+    token = TokenCodec(TokenConfig(secret=Secret(SECRET))).issue("o-bench-user", None, time.time())[
+        0
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         ports = {name: free_port() for name in ("nginx", "haproxy", "plain", "gw1", "gw2")}
         upstream = f"http://127.0.0.1:{ports['nginx']}"
@@ -128,7 +140,7 @@ def main() -> None:
             Path(tmp, f"{name}.yaml").write_text(yaml.safe_dump(config))
             procs.append(start(["run", "-c", f"{tmp}/{name}.yaml"], env={**os.environ}))
         try:
-            for name, port in ports.items():
+            for port in ports.values():
                 wait_http(f"http://127.0.0.1:{port}/healthz")
             names = [n for n in ports if not args.only or n in args.only]
             targets: dict[str, Callable[[int], dict[str, float]]] = {
@@ -161,19 +173,26 @@ LABELS = {
 
 def report(results: dict[str, list[dict[str, float]]]) -> None:
     med = {
-        name: {k: statistics.median(r.get(k, 0.0) for r in runs) for k in ("rps", "p50", "p99", "non2xx")}
+        name: {
+            k: statistics.median(r.get(k, 0.0) for r in runs)
+            for k in ("rps", "p50", "p99", "non2xx")
+        }
         for name, runs in results.items()
     }
     print("| target | req/s | p50 ms | p99 ms | non-2xx | rounds |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, m in med.items():
-        print(f"| {LABELS[name]} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['non2xx']:.0f} | {len(results[name])} |")
+        print(
+            f"| {LABELS[name]} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['non2xx']:.0f} | {len(results[name])} |"
+        )
     if "haproxy" in med:
         for name in ("gw1", "gw2"):
             if name in med and med["haproxy"]["rps"]:
                 print(f"{LABELS[name]} / HAProxy: {med[name]['rps'] / med['haproxy']['rps']:.2f}x")
     if "plain" in med and "gw1" in med and med["plain"]["rps"]:
-        print(f"wx-gateway (1 worker) / plain aiohttp: {med['gw1']['rps'] / med['plain']['rps']:.2f}x")
+        print(
+            f"wx-gateway (1 worker) / plain aiohttp: {med['gw1']['rps'] / med['plain']['rps']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from yarl import URL
 from gateway.errors import BodyTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.headers import HeaderRules
 from gateway.routing import Route, Target
+from gateway.upstream_pool import ConnectFailed, UpstreamPools, UpstreamResponse, build_head
 
 log = logging.getLogger("gateway.proxy")
 
@@ -64,6 +65,8 @@ class UpstreamClient:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        # The HTTP hot path; the session above serves WebSocket upgrades.
+        self.pools = UpstreamPools()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -80,6 +83,7 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
+        self.pools.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -111,36 +115,32 @@ async def _open(
     query: str,
     headers: CIMultiDict[str],
     state: _BodyState,
-) -> tuple[aiohttp.ClientResponse, Target]:
+) -> UpstreamResponse:
     """Send the request to the first target that accepts a connection."""
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=route.timeout, sock_read=route.timeout)
-    body = _limited_body(request.content, route.max_body, state) if request.body_exists else None
-    last_error: Exception | None = None
+    body = None
+    chunked = False
+    if request.body_exists:
+        body = _limited_body(request.content, route.max_body, state)
+        # A client's chunked body goes upstream chunked; a Content-Length is kept.
+        chunked = request.content_length is None
+    path_qs = path + "?" + query if query else path
+    timed_out = False
     for target in route.balancer.candidates():
+        head = build_head(
+            request.method, target.base_path + path_qs, target.host_header, headers, chunked
+        )
+        pool = client.pools.get(target.scheme, target.host, target.port)
         try:
-            response = await client.session.request(
-                request.method,
-                _url(target, path, query),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=timeout,
-                compress=None,
-            )
-            return response, target
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            return await pool.request(request.method, head, body, chunked, route.timeout)
+        except ConnectFailed as exc:
             # Nothing was sent: safe to try the next target even for a POST.
             route.balancer.mark_dead(target)
-            last_error = exc
-            if state.sent:
-                break
-        except aiohttp.ServerTimeoutError:
-            raise UpstreamTimeout() from None
-        except (aiohttp.ClientError, OSError) as exc:
+            timed_out = exc.timed_out
+        except (UpstreamUnavailable, UpstreamTimeout):
             if state.too_large:
                 raise BodyTooLarge() from None
-            raise UpstreamUnavailable() from exc
-    if isinstance(last_error, aiohttp.ConnectionTimeoutError):
+            raise
+    if timed_out:
         raise UpstreamTimeout()
     raise UpstreamUnavailable()
 
@@ -159,19 +159,20 @@ async def proxy_http(
     if length is not None and length > route.max_body:
         raise BodyTooLarge()
     state = _BodyState()
-    upstream, _target = await _open(client, request, route, path, query, headers, state)
+    upstream = await _open(client, request, route, path, query, headers, state)
     try:
+        message = upstream.message
         out = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=rules.downstream_response(upstream.headers),
+            status=message.code,
+            reason=message.reason,
+            headers=rules.downstream_response(message.headers),
         )
         out.headers["X-Request-Id"] = request_id
         await out.prepare(request)
         try:
             # iter_any: pass bytes on as they arrive (SSE and chunked streams must
             # not wait for a buffer to fill).
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.payload.iter_any():
                 await out.write(chunk)
         except (TimeoutError, aiohttp.ClientError):
             # The head is already sent: the only honest signal left is to cut the

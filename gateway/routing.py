@@ -37,9 +37,10 @@ class Target:
         return cls(url, parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
 
     @property
-    def origin(self) -> str:
+    def host_header(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ ALGORITHM = "HS256"
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "sub", "sid"]
 # A JWT is three base64url parts; anything much longer is garbage or abuse.
 MAX_TOKEN_LENGTH = 4096
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def key_id(secret: Secret) -> str:
@@ -109,6 +111,9 @@ class TokenCodec:
             raise TokenExpired()
         sub, sid, uid = payload["sub"], payload["sid"], payload.get("uid")
         if not isinstance(sub, str) or not sub or not isinstance(sid, str) or not sid:
+            raise TokenInvalid()
+        # sub and uid become header values upstream: no control characters, ever.
+        if _CONTROL.search(sub) or (isinstance(uid, str) and _CONTROL.search(uid)):
             raise TokenInvalid()
         return Claims(sub, uid if isinstance(uid, str) else None, sid, iat, exp)
 

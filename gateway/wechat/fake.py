@@ -292,8 +292,12 @@ async def _release_slow_requests(app: web.Application) -> None:
 
 
 def create_app(
-    *, appid: str | None = None, secret: str | None = None, token_ttl: int = 7200,
-    slow_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic,
+    *,
+    appid: str | None = None,
+    secret: str | None = None,
+    token_ttl: int = 7200,
+    slow_seconds: float = 30.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
     """The fake as an aiohttp app. With ``appid``/``secret`` set, callers must send
     exactly those (else 40013/40125); without, any non-empty value is accepted.
@@ -319,15 +323,20 @@ class PathOnlyAccessLogger(AbstractAccessLogger):
 
 
 def run(
-    host: str = "127.0.0.1", port: int = 8081, *,
-    appid: str | None = None, secret: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8081,
+    *,
+    appid: str | None = None,
+    secret: str | None = None,
 ) -> None:
     """Serve the fake until interrupted (blocking); what `gateway fake-wechat` runs."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     log.warning(
         "FAKE WeChat API server on http://%s:%s - a development aid only, NEVER use in "
         "production: it accepts made-up codes and hands out fake identities (appid check: %s)",
-        host, port, appid or "off",
+        host,
+        port,
+        appid or "off",
     )
     app = create_app(appid=appid, secret=secret)
     web.run_app(app, host=host, port=port, access_log_class=PathOnlyAccessLogger)
