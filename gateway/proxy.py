@@ -162,12 +162,16 @@ async def proxy_http(
     upstream = await _open(client, request, route, path, query, headers, state)
     try:
         message = upstream.message
-        out = web.StreamResponse(
-            status=message.code,
-            reason=message.reason,
-            headers=rules.downstream_response(message.headers),
-        )
-        out.headers["X-Request-Id"] = request_id
+        headers = rules.downstream_response(message.headers)
+        headers["X-Request-Id"] = request_id
+        if upstream.payload.is_eof():
+            # The whole body came with the head (most API answers): send it as one
+            # response, one write, instead of head, body and end separately.
+            body = upstream.payload.read_nowait(-1)
+            return web.Response(
+                status=message.code, reason=message.reason, headers=headers, body=body
+            )
+        out = web.StreamResponse(status=message.code, reason=message.reason, headers=headers)
         await out.prepare(request)
         try:
             # iter_any: pass bytes on as they arrive (SSE and chunked streams must
