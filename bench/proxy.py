@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -97,6 +99,22 @@ def wrk_run(url: str, token: str, seconds: int, connections: int) -> dict[str, f
     return parse_wrk(out)
 
 
+def _check_rejects_forgery(port: int, token: str) -> None:
+    """Each contender must really check the token: a tampered one is refused."""
+    head, payload, signature = token.split(".")
+    forged = f"{head}.{payload}.{signature[:-4]}AAAA"
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/x", headers={"Authorization": f"Bearer {forged}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    if status != 401:
+        raise SystemExit(f"port {port} accepted a forged token (status {status})")
+
+
 def _measure(port: int, token: str, connections: int, seconds: int) -> dict[str, float]:
     return wrk_run(f"http://127.0.0.1:{port}/api/x", token, seconds, connections)
 
@@ -142,6 +160,8 @@ def main() -> None:
         try:
             for port in ports.values():
                 wait_http(f"http://127.0.0.1:{port}/healthz")
+            for name in ("haproxy", "plain", "gw1", "gw2"):
+                _check_rejects_forgery(ports[name], token)
             names = [n for n in ports if not args.only or n in args.only]
             targets: dict[str, Callable[[int], dict[str, float]]] = {
                 name: partial(_measure, ports[name], token, args.connections) for name in names
