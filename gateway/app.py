@@ -30,6 +30,7 @@ from gateway.errors import (
     MethodNotAllowed,
     NoRoute,
     NotReady,
+    StorageUnavailable,
     TokenMissing,
     error_response,
     json_error,
@@ -40,6 +41,7 @@ from gateway.metrics import Metrics
 from gateway.paths import BadPath, NormalisedPath, normalise
 from gateway.routing import Route, Router
 from gateway.services import Services
+from gateway.storage import StorageError
 
 log = logging.getLogger("gateway")
 
@@ -115,6 +117,10 @@ class Gateway:
             response = await self._dispatch(request, scope)
         except GatewayError as exc:
             response = error_response(exc, scope.request_id)
+        except StorageError as exc:
+            # Busy past its retries, read-only, gone: the client may retry later.
+            log.warning("storage error (request id %s): %s", scope.request_id, exc)
+            response = error_response(StorageUnavailable(), scope.request_id)
         except Exception:
             log.exception("unhandled error (request id %s)", scope.request_id)
             response = json_error(

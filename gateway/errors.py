@@ -23,6 +23,7 @@ contract's status and stable ``error`` code (contract section 4)::
     ├── UpstreamUnavailable   502 upstream_unavailable
     ├── WechatError           502 wechat_error
     ├── NotReady              503 not_ready
+    ├── StorageUnavailable    503 storage_unavailable
     ├── UpstreamTimeout       504 upstream_timeout
     └── WechatTimeout         504 wechat_timeout
 
@@ -149,6 +150,10 @@ class WechatError(GatewayError):
 
 class NotReady(GatewayError):
     status, code, default_message = 503, "not_ready", "The gateway is not ready."
+
+
+class StorageUnavailable(GatewayError):
+    status, code, default_message = 503, "storage_unavailable", "Storage is unavailable; retry."
 
 
 class UpstreamTimeout(GatewayError):
