@@ -128,9 +128,14 @@ class SQLiteStorage(Storage):
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we write BEGIN/COMMIT ourselves, so the sqlite3
             # module never opens a transaction behind our back.
-            self._conn = await aiosqlite.connect(
-                self.path, isolation_level=None, timeout=self._busy_timeout
-            )
+            pending = aiosqlite.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
+            try:
+                self._conn = await pending
+            except BaseException:
+                # A failed connect stops aiosqlite's thread without waiting for it;
+                # wait here so it cannot call back into a loop that is closing.
+                await asyncio.to_thread(pending._thread.join, 5.0)
+                raise
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"storage: cannot open {self.path!r} ({_describe(exc)})") from exc
         self._conn.row_factory = sqlite3.Row
@@ -170,6 +175,11 @@ class SQLiteStorage(Storage):
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error, ValueError):
                     await conn.close()
+                # aiosqlite's worker thread may still be delivering a result; wait for
+                # it, so nothing calls back into an event loop that is about to close.
+                thread = getattr(conn, "_thread", None)
+                if thread is not None and thread.is_alive():
+                    await asyncio.to_thread(thread.join, 5.0)
 
     async def ping(self) -> None:
         async def check(conn: aiosqlite.Connection) -> None:
