@@ -43,19 +43,19 @@ class AccessTokens:
         self._lock = asyncio.Lock()
         self.fetches = 0
 
-    def _fresh(self, token: AccessToken | None) -> bool:
-        return token is not None and token.expires_at > self._clock()
+    def _usable(self, token: AccessToken | None, not_this: str | None) -> bool:
+        return token is not None and token.expires_at > self._clock() and token.token != not_this
 
     async def get(self, *, not_this: str | None = None) -> str:
         """A valid token; ``not_this`` names one WeChat just rejected."""
         cached = self._cached
-        if self._fresh(cached) and cached is not None and cached.token != not_this:
+        if cached is not None and self._usable(cached, not_this):
             return cached.token
         async with self._lock:  # single flight inside this process ...
             deadline = self._clock() + self._lease_ttl * 2
             while True:
                 stored = await self._storage.get_access_token()
-                if self._fresh(stored) and stored is not None and stored.token != not_this:
+                if stored is not None and self._usable(stored, not_this):
                     self._cached = stored
                     return stored.token
                 # ... and across processes through the storage lease.
@@ -63,6 +63,12 @@ class AccessTokens:
                     LEASE, self._holder, self._lease_ttl, self._clock()
                 ):
                     try:
+                        # The previous holder may have stored a fresh token just
+                        # before releasing: look once more before calling WeChat.
+                        stored = await self._storage.get_access_token()
+                        if stored is not None and self._usable(stored, not_this):
+                            self._cached = stored
+                            return stored.token
                         return await self._fetch(force=not_this is not None)
                     finally:
                         await self._storage.release_lease(LEASE, self._holder)

@@ -44,13 +44,13 @@ class AccessTokenRejected(Exception):
         self.errcode = errcode
 
 
-def raise_for_errcode(payload: dict[str, Any]) -> None:
+def raise_for_errcode(payload: dict[str, Any], *, uses_access_token: bool = False) -> None:
     errcode = payload.get("errcode", 0)
     if not isinstance(errcode, int) or isinstance(errcode, bool):
         raise WechatError("WeChat answered with a malformed errcode.")
     if errcode == 0:
         return
-    if errcode in ACCESS_TOKEN_ERRCODES:
+    if uses_access_token and errcode in ACCESS_TOKEN_ERRCODES:
         raise AccessTokenRejected(errcode)
     error = _ERRCODE_ERRORS.get(errcode, WechatError)
     # errmsg comes from WeChat and may echo request parameters; it is logged by
@@ -124,6 +124,7 @@ class WechatClient:
         *,
         params: dict[str, str] | None = None,
         body: dict[str, Any] | None = None,
+        uses_access_token: bool = False,
     ) -> dict[str, Any]:
         """One WeChat call, never retried here; transport faults become
         WechatTimeout / WechatError, errcodes are raised by raise_for_errcode."""
@@ -146,7 +147,7 @@ class WechatClient:
             raise WechatError("WeChat answered with something that is not JSON.") from None
         if not isinstance(payload, dict):
             raise WechatError("WeChat answered with something that is not a JSON object.")
-        raise_for_errcode(payload)
+        raise_for_errcode(payload, uses_access_token=uses_access_token)
         return payload
 
     async def code2session(self, code: str) -> WechatSession:
@@ -191,6 +192,7 @@ class WechatClient:
             "/wxa/business/getuserphonenumber",
             params={"access_token": access_token},
             body={"code": code},
+            uses_access_token=True,
         )
         info = payload.get("phone_info")
         if not isinstance(info, dict):
