@@ -236,3 +236,54 @@ async def test_key_rotation_and_custom_token_header(
         f"GET /api/x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {old_token}\r\n",
     )
     assert (status, body and body["error"]) == (401, "token_invalid")
+
+
+async def test_forwarded_headers_from_trusted_and_untrusted_peers(
+    start_gateway: StartGateway, seen: Recorder
+) -> None:
+    spoof = "X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil\r\nX_Forwarded_For: 7.7.7.7\r\n"
+    untrusted = await start_gateway()
+    status, _ = await raw_request(
+        untrusted.listener.port, f"GET /public/x HTTP/1.1\r\nHost: front\r\n{spoof}"
+    )
+    assert status == 200
+    last = seen.last
+    assert (
+        last.header("X-Forwarded-For"),
+        last.header("X-Forwarded-Proto"),
+        last.header("X-Forwarded-Host"),
+    ) == ("127.0.0.1", "http", "front")
+    assert last.header("X_Forwarded_For") is None
+    trusted = await start_gateway(server={"trusted_proxies": ["127.0.0.0/8"]})
+    status, _ = await raw_request(
+        trusted.listener.port, f"GET /public/x HTTP/1.1\r\nHost: front\r\n{spoof}"
+    )
+    assert status == 200
+    last = seen.last
+    assert (
+        last.header("X-Forwarded-For"),
+        last.header("X-Forwarded-Proto"),
+        last.header("X-Forwarded-Host"),
+    ) == ("6.6.6.6, 127.0.0.1", "https", "evil")
+
+
+async def test_request_id_passed_through_or_replaced(gw: Running, seen: Recorder) -> None:
+    for given, kept in (("abc-123.x:y", True), ("has spaces", False), ("x" * 200, False)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.listener.port)
+        writer.write(
+            f"GET /public/x HTTP/1.1\r\nHost: t\r\nX-Request-Id: {given}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        returned = next(
+            line.split(b": ", 1)[1].decode()
+            for line in data.split(b"\r\n")
+            if line.lower().startswith(b"x-request-id:")
+        )
+        assert returned == seen.last.header("X-Request-Id")
+        assert (returned == given) is kept
+    status, body = await raw_request(
+        gw.listener.port, "GET /nowhere HTTP/1.1\r\nHost: t\r\nX-Request-Id: err-1\r\n"
+    )
+    assert status == 404 and body is not None and body["request_id"] == "err-1"
