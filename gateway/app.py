@@ -26,6 +26,7 @@ from gateway.auth import AuthEndpoints
 from gateway.config import Config
 from gateway.errors import (
     BadRequest,
+    BodyTooLarge,
     GatewayError,
     MethodNotAllowed,
     NoRoute,
@@ -178,6 +179,8 @@ class Gateway:
             return await proxy.proxy_websocket(
                 self.upstreams, request, route, upstream_path, query, headers
             )
+        if request.content_length is not None and request.content_length > route.max_body:
+            raise BodyTooLarge()  # before any 100 Continue invites the body
         if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (
             1,
             1,

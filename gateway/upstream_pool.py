@@ -203,6 +203,12 @@ async def _write_body(proto: ResponseHandler, body: AsyncIterator[bytes], chunke
                 await proto._drain_helper()
         if chunked and transport is not None and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
+    except BaseException:
+        # A body that failed (over max_body, client gone) must end the exchange
+        # now: closing the connection fails the pending read at once, instead of
+        # waiting out the route timeout, and the upstream never sees a full request.
+        proto.close()
+        raise
     finally:
         # The head wait starts once the request is complete (or failed).
         proto.start_timeout()
