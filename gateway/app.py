@@ -127,6 +127,8 @@ class Gateway:
             response = json_error(
                 500, "internal_error", "Internal error.", request_id=scope.request_id
             )
+        if not response.prepared and "X-Request-Id" not in response.headers:
+            response.headers["X-Request-Id"] = scope.request_id  # own endpoints too
         self.metrics.observe(scope.route.prefix if scope.route else None, response.status, started)
         return response
 

@@ -34,6 +34,7 @@ secret, a token or a session key.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -210,7 +211,11 @@ def error_response(exc: GatewayError, request_id: str | None = None) -> web.Resp
 
 
 def status_error(status: int, message: str | None = None) -> web.Response:
-    """A JSON error for a bare status (aiohttp's own 400/413/500...)."""
+    """A JSON error for a bare status (aiohttp's own 400/413/500...), with a fresh
+    request id: a request the parser refused has no trustworthy one of its own."""
     code = _STATUS_CODES.get(status, "internal_error" if status >= 500 else "bad_request")
     text = message or ("Internal error." if status >= 500 else "The request is malformed.")
-    return json_error(status, code, text)
+    request_id = uuid.uuid4().hex
+    return json_error(
+        status, code, text, request_id=request_id, headers={"X-Request-Id": request_id}
+    )
