@@ -4,15 +4,16 @@
 forwarding); 3. the gateway's own endpoints (never proxied); 4. route match;
 5. token policy (strip, then inject); 6. forward, streamed.
 
-The gateway runs on aiohttp's low-level ``web.Server`` rather than
-``web.Application``: routing is a longest-prefix match of our own, so the
-application router would only add work per request, and the low-level server
-lets every error aiohttp produces itself (parser errors, handler timeouts) be
-answered in the contract's JSON shape (see :mod:`gateway.server`).
+The gateway runs on its own lean HTTP/1.1 server (:mod:`gateway.http_server`)
+rather than ``web.Application``: routing is a longest-prefix match of our own,
+so an application router would only add work per request. A proxied answer is
+written by :mod:`gateway.proxy` straight to the connection; the gateway's own
+endpoints return small aiohttp ``Response`` objects, serialised here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import proxy
 from gateway.auth import AuthEndpoints
@@ -37,6 +39,7 @@ from gateway.errors import (
     json_error,
 )
 from gateway.headers import HeaderRules, request_id_from
+from gateway.http_server import Incoming
 from gateway.identity import Identity, IdentityResolver
 from gateway.metrics import Metrics
 from gateway.paths import BadPath, NormalisedPath, normalise
@@ -46,7 +49,7 @@ from gateway.storage import StorageError
 
 log = logging.getLogger("gateway")
 
-Handler = Callable[[web.BaseRequest, "Scope"], Awaitable[web.StreamResponse]]
+Handler = Callable[[Incoming, "Scope"], Awaitable[web.StreamResponse]]
 # Methods no reverse proxy should relay: CONNECT opens tunnels, TRACE echoes
 # credentials back (cross-site tracing).
 _REFUSED_METHODS = ("CONNECT", "TRACE")
@@ -111,28 +114,79 @@ class Gateway:
         await self._stack.aclose()
 
     # -- the request path -------------------------------------------------------
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def handle(self, request: Incoming) -> Awaitable[None] | None:
+        """Decide everything that needs no I/O at once; return the rest as an
+        awaitable (see :data:`gateway.http_server.Handler`)."""
         scope = Scope(request_id=request_id_from(request.headers))
-        started = time.perf_counter()
+        request.started = time.perf_counter()
         try:
-            response = await self._dispatch(request, scope)
-        except GatewayError as exc:
-            response = error_response(exc, scope.request_id)
-        except StorageError as exc:
+            pending = self._dispatch(request, scope)
+        except Exception as exc:
+            self._answer(request, scope, None, exc)
+            return None
+        if pending is None:
+            return None  # the fast lane answers from the upstream's callback
+        return self._complete(request, scope, pending)
+
+    async def _complete(
+        self,
+        request: Incoming,
+        scope: Scope,
+        pending: Awaitable[web.StreamResponse | None],
+    ) -> None:
+        try:
+            response = await pending
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client is gone: nothing to answer
+        except Exception as exc:
+            self._answer(request, scope, None, exc)
+            return
+        self._answer(request, scope, response, None)
+
+    def _answer(
+        self,
+        request: Incoming,
+        scope: Scope,
+        response: web.StreamResponse | None,
+        exc: Exception | None,
+    ) -> None:
+        """Send an own endpoint's response, or the JSON error for ``exc``."""
+        if exc is not None:
+            response = self._error(request, scope, exc)
+        if response is not None:
+            if response.prepared:  # a WebSocket, already answered by aiohttp
+                request.status = response.status
+            elif request.responded:
+                # An error after the head went out: cutting the connection is the
+                # only signal left that the answer is incomplete.
+                request.abort()
+            else:
+                if "X-Request-Id" not in response.headers:
+                    response.headers["X-Request-Id"] = scope.request_id  # own endpoints too
+                request.send_response(response)
+        request.finish()
+
+    def _error(self, request: Incoming, scope: Scope, exc: Exception) -> web.Response:
+        if isinstance(exc, GatewayError):
+            return error_response(exc, scope.request_id)
+        if isinstance(exc, StorageError):
             # Busy past its retries, read-only, gone: the client may retry later.
             log.warning("storage error (request id %s): %s", scope.request_id, exc)
-            response = error_response(StorageUnavailable(), scope.request_id)
-        except Exception:
-            log.exception("unhandled error (request id %s)", scope.request_id)
-            response = json_error(
-                500, "internal_error", "Internal error.", request_id=scope.request_id
-            )
-        if not response.prepared and "X-Request-Id" not in response.headers:
-            response.headers["X-Request-Id"] = scope.request_id  # own endpoints too
-        self.metrics.observe(scope.route.prefix if scope.route else None, response.status, started)
-        return response
+            return error_response(StorageUnavailable(), scope.request_id)
+        if isinstance(exc, RequestPayloadError):
+            # The body broke its own framing (bad chunk size...): nothing after it
+            # on this connection can be trusted.
+            request.keep_alive = False
+            return error_response(BadRequest("The request body is malformed."), scope.request_id)
+        log.error("unhandled error (request id %s)", scope.request_id, exc_info=exc)
+        return json_error(500, "internal_error", "Internal error.", request_id=scope.request_id)
 
-    async def _dispatch(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+    def request_done(self, request: Incoming) -> None:
+        self.metrics.observe(request.route, request.status, request.started)
+
+    def _dispatch(
+        self, request: Incoming, scope: Scope
+    ) -> Awaitable[web.StreamResponse | None] | None:
         try:
             raw_path, query = split_target(request.raw_path)
             scope.path = path = normalise(raw_path)
@@ -143,19 +197,20 @@ class Gateway:
             handler = own.get(request.method)
             if handler is None:
                 raise MethodNotAllowed(tuple(own))
-            return await handler(request, scope)
+            return handler(request, scope)
         if path.match == "/auth" or path.match.startswith("/auth/"):
             raise NoRoute()
         scope.route = route = self.router.match(path.match)
         if route is None:
             raise NoRoute()
+        request.route = route.prefix
         if request.method in _REFUSED_METHODS:
             raise MethodNotAllowed(message=f"{request.method} is not proxied.")
-        return await self._forward(request, scope, route, path, query)
+        return self._forward(request, scope, route, path, query)
 
-    async def _forward(
-        self, request: web.BaseRequest, scope: Scope, route: Route, path: NormalisedPath, query: str
-    ) -> web.StreamResponse:
+    def _forward(
+        self, request: Incoming, scope: Scope, route: Route, path: NormalisedPath, query: str
+    ) -> Awaitable[web.StreamResponse | None] | None:
         scope.identity = identity = self.identity.for_route(request.headers, route.auth)
         if route.limiter is not None:
             # Keys are namespaced so an openid can never collide with an address.
@@ -168,50 +223,61 @@ class Gateway:
         upgrade = proxy.is_upgrade(request)
         if upgrade and not (route.websocket and proxy.is_websocket_upgrade(request)):
             raise BadRequest("Upgrade is not allowed on this route.")
-        headers = self.rules.upstream_request(
-            request.headers,
+        upstream_path = route.upstream_path(path)
+        openid = identity.openid if identity else None
+        unionid = identity.unionid if identity else None
+        if upgrade:
+            headers = self.rules.upstream_request(
+                request.headers,
+                peer=request.remote,
+                scheme=request.scheme,
+                request_id=scope.request_id,
+                openid=openid,
+                unionid=unionid,
+            )
+            return proxy.proxy_websocket(
+                self.upstreams, request.as_aiohttp(), route, upstream_path, query, headers
+            )
+        lines = self.rules.upstream_lines(
+            request.message.raw_headers,
             peer=request.remote,
             scheme=request.scheme,
             request_id=scope.request_id,
-            openid=identity.openid if identity else None,
-            unionid=identity.unionid if identity else None,
+            openid=openid,
+            unionid=unionid,
         )
-        upstream_path = route.upstream_path(path)
-        if upgrade:
-            return await proxy.proxy_websocket(
-                self.upstreams, request, route, upstream_path, query, headers
-            )
         if request.content_length is not None and request.content_length > route.max_body:
             raise BodyTooLarge()  # before any 100 Continue invites the body
         if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (
             1,
             1,
         ):
-            # The checks passed: let the client send its body (aiohttp's low-level
-            # server leaves Expect to the handler; the upstream never sees it).
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await proxy.proxy_http(
+            # The checks passed: let the client send its body (the upstream never
+            # sees Expect; the gateway answers it).
+            request.send_continue()
+        return proxy.forward(
             self.upstreams,
             self.rules,
             request,
             route,
             upstream_path,
             query,
-            headers,
+            lines,
             scope.request_id,
+            lambda exc: self._answer(request, scope, None, exc),
         )
 
     # -- own endpoints -----------------------------------------------------------
-    async def healthz(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+    async def healthz(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
 
-    async def readyz(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+    async def readyz(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         if self.draining:
             raise NotReady("The gateway is shutting down.")
         await self.services.check_ready()
         return web.json_response({"status": "ready"})
 
-    async def metrics_endpoint(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+    async def metrics_endpoint(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
 

@@ -24,15 +24,16 @@ from gateway.wechat.client import PhoneInfo, phone_info_from
 
 if TYPE_CHECKING:
     from gateway.app import Scope
+    from gateway.http_server import Incoming
 
 MAX_AUTH_BODY = 64 * 1024  # contract section 8
 MAX_CODE_LENGTH = 1024
 MAX_ENCRYPTED_LENGTH = 48 * 1024
 
-Handler = Callable[[web.BaseRequest, "Scope"], Awaitable[web.StreamResponse]]
+Handler = Callable[["Incoming", "Scope"], Awaitable[web.StreamResponse]]
 
 
-async def read_json_object(request: web.BaseRequest, limit: int = MAX_AUTH_BODY) -> dict[str, Any]:
+async def read_json_object(request: Incoming, limit: int = MAX_AUTH_BODY) -> dict[str, Any]:
     """The body as a JSON object, read with a hard size limit."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge()
@@ -80,7 +81,7 @@ class AuthEndpoints:
             "/auth/verify": {"GET": self.verify, "HEAD": self.verify},
         }
 
-    async def login(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+    async def login(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         if self._login_limiter is not None:
             self._login_limiter.check(self._rules.client_ip(request.headers, request.remote))
         code = string_field(await read_json_object(request), "code", MAX_CODE_LENGTH)
@@ -100,12 +101,12 @@ class AuthEndpoints:
             }
         )
 
-    async def logout(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+    async def logout(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         who = self._identity.require(request.headers)
         await self._services.sessions.revoke(who.session_id, who.expires_at)
         return web.json_response({"ok": True})
 
-    async def me(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+    async def me(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         who = self._identity.require(request.headers)
         user = await self._services.storage.get_user(who.openid)
         return web.json_response(
@@ -116,7 +117,7 @@ class AuthEndpoints:
             }
         )
 
-    async def phone(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+    async def phone(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         who = self._identity.require(request.headers)
         body = await read_json_object(request)
         if "code" in body:
@@ -134,12 +135,12 @@ class AuthEndpoints:
         await self._store_phone(who, info)
         return web.json_response(info.as_json())
 
-    async def decrypt(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+    async def decrypt(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         who = self._identity.require(request.headers)
         data = await self._decrypt(who, await read_json_object(request))
         return web.json_response({"data": data})
 
-    async def verify(self, request: web.BaseRequest, scope: Scope) -> web.StreamResponse:
+    async def verify(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         who = self._identity.require(request.headers)
         headers = {self._rules.openid_header: who.openid}
         if who.unionid:

@@ -12,18 +12,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_parser import RawResponseMessage
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import BodyTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.headers import HeaderRules
+from gateway.http_server import Incoming
 from gateway.routing import Route, Target
-from gateway.upstream_pool import ConnectFailed, UpstreamPools, UpstreamResponse, build_head
+from gateway.upstream_pool import (
+    IDEMPOTENT,
+    ConnectFailed,
+    ExchangeFailed,
+    UpstreamConnection,
+    UpstreamPools,
+    UpstreamResponse,
+    build_head,
+)
 
 log = logging.getLogger("gateway.proxy")
 
@@ -109,12 +119,13 @@ def _url(target: Target, path: str, query: str, scheme: str | None = None) -> UR
 
 async def _open(
     client: UpstreamClient,
-    request: web.BaseRequest,
+    request: Incoming,
     route: Route,
     path: str,
     query: str,
-    headers: CIMultiDict[str],
+    headers: list[bytes],
     state: _BodyState,
+    candidates: list[Target] | None = None,
 ) -> UpstreamResponse:
     """Send the request to the first target that accepts a connection."""
     body = None
@@ -125,7 +136,7 @@ async def _open(
         chunked = request.content_length is None
     path_qs = path + "?" + query if query else path
     timed_out = False
-    for target in route.balancer.candidates():
+    for target in candidates or route.balancer.candidates():
         head = build_head(
             request.method, target.base_path + path_qs, target.host_header, headers, chunked
         )
@@ -145,59 +156,247 @@ async def _open(
     raise UpstreamUnavailable()
 
 
-async def proxy_http(
+def forward(
     client: UpstreamClient,
     rules: HeaderRules,
-    request: web.BaseRequest,
+    request: Incoming,
     route: Route,
     path: str,
     query: str,
-    headers: CIMultiDict[str],
+    headers: list[bytes],
     request_id: str,
-) -> web.StreamResponse:
-    length = request.content_length
-    if length is not None and length > route.max_body:
-        raise BodyTooLarge()
-    state = _BodyState()
-    upstream = await _open(client, request, route, path, query, headers, state)
-    try:
-        message = upstream.message
-        headers = rules.downstream_response(message.headers)
-        headers["X-Request-Id"] = request_id
-        if upstream.payload.is_eof():
-            # The whole body came with the head (most API answers): send it as one
-            # response, one write, instead of head, body and end separately.
-            body = upstream.payload.read_nowait(-1)
-            return web.Response(
-                status=message.code, reason=message.reason, headers=headers, body=body
+    fail: Callable[[Exception], None],
+) -> Awaitable[None] | None:
+    """Forward ``request``: on the fast lane when it can, else as a coroutine.
+
+    The fast lane takes a request with no body when an idle keep-alive
+    connection to the chosen target is at hand: the head is written at once and
+    the upstream connection's callback answers the client (or hands a streamed
+    body over to a task). Everything else (bodies, new connections, retries)
+    takes the coroutine path, :func:`proxy_http`.
+    """
+    candidates = route.balancer.candidates()
+    if not request.body_exists:
+        target = candidates[0]
+        conn = client.pools.get(target.scheme, target.host, target.port).take_idle()
+        if conn is not None:
+            exchange = _FastExchange(
+                client, rules, request, route, path, query, headers, request_id, fail
             )
-        out = web.StreamResponse(status=message.code, reason=message.reason, headers=headers)
-        await out.prepare(request)
+            exchange.start(conn, target, candidates)
+            return None
+    return proxy_http(client, rules, request, route, path, query, headers, request_id, candidates)
+
+
+class _FastExchange:
+    __slots__ = (
+        "candidates",
+        "client",
+        "conn",
+        "fail",
+        "headers",
+        "path",
+        "query",
+        "request",
+        "request_id",
+        "route",
+        "rules",
+    )
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        rules: HeaderRules,
+        request: Incoming,
+        route: Route,
+        path: str,
+        query: str,
+        headers: list[bytes],
+        request_id: str,
+        fail: Callable[[Exception], None],
+    ) -> None:
+        self.client = client
+        self.rules = rules
+        self.request = request
+        self.route = route
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.request_id = request_id
+        self.fail = fail
+        self.candidates: list[Target] = []
+        self.conn: UpstreamConnection | None = None
+
+    def start(self, conn: UpstreamConnection, target: Target, candidates: list[Target]) -> None:
+        self.conn = conn
+        self.candidates = candidates
+        request = self.request
+        path_qs = self.path + "?" + self.query if self.query else self.path
+        head = build_head(
+            request.method, target.base_path + path_qs, target.host_header, self.headers, False
+        )
+        conn.begin(request.method, self.route.timeout, self._on_head, timing=True)
+        request.on_lost = self._on_client_lost
+        assert conn.transport is not None
+        conn.transport.write(head)
+
+    def _on_client_lost(self) -> None:
+        # The client hung up while we waited: the upstream exchange is abandoned.
+        if self.conn is not None:
+            self.conn.release(reuse=False)
+            self.conn = None
+
+    def _on_head(
+        self,
+        message: RawResponseMessage | None,
+        payload: aiohttp.StreamReader | None,
+        err: ExchangeFailed | None,
+    ) -> None:
+        conn = self.conn
+        request = self.request
+        request.on_lost = None
+        if conn is None:
+            return
+        if err is not None or message is None or payload is None:
+            self.conn = None
+            conn.release(reuse=False)
+            if err is not None and err.stale and request.method in IDEMPOTENT:
+                # The upstream had dropped the idle connection: the coroutine path
+                # tries once more on a fresh one.
+                request.protocol.run_pending(
+                    request,
+                    proxy_http(
+                        self.client,
+                        self.rules,
+                        request,
+                        self.route,
+                        self.path,
+                        self.query,
+                        self.headers,
+                        self.request_id,
+                        self.candidates,
+                    ),
+                )
+                return
+            self.fail(
+                UpstreamTimeout() if err is not None and err.timed_out else UpstreamUnavailable()
+            )
+            return
+        if payload.is_eof():
+            self.conn = None
+            _send_whole(self.rules, request, message, payload, self.request_id)
+            conn.release(reuse=conn.finished())
+            request.finish()
+            return
+        # A body still on its way: stream it from a task.
+        self.conn = None
+        request.protocol.run_pending(
+            request,
+            _stream(
+                self.rules,
+                request,
+                message,
+                payload,
+                self.request_id,
+                lambda clean: conn.release(clean and conn.finished()),
+            ),
+        )
+
+
+def _send_whole(
+    rules: HeaderRules,
+    request: Incoming,
+    message: RawResponseMessage,
+    payload: aiohttp.StreamReader,
+    request_id: str,
+) -> None:
+    """The whole body came with the head (most API answers): one write."""
+    lines = rules.downstream_lines(message.raw_headers)
+    lines.append(b"X-Request-Id: " + request_id.encode() + b"\r\n")
+    body = payload.read_nowait(-1)
+    if request.method == "HEAD" or message.code in (204, 304):
+        lines.extend(rules.length_lines(message.raw_headers))
+    request.send(message.code, message.reason, lines, body)
+
+
+async def _stream(
+    rules: HeaderRules,
+    request: Incoming,
+    message: RawResponseMessage,
+    payload: aiohttp.StreamReader,
+    request_id: str,
+    release: Callable[[bool], None],
+) -> None:
+    clean = False
+    try:
+        lines = rules.downstream_lines(message.raw_headers)
+        lines.append(b"X-Request-Id: " + request_id.encode() + b"\r\n")
+        known = message.headers.get("Content-Length") if not message.chunked else None
+        await request.start_stream(
+            message.code, message.reason, lines, int(known) if known is not None else None
+        )
         try:
             # iter_any: pass bytes on as they arrive (SSE and chunked streams must
             # not wait for a buffer to fill).
-            async for chunk in upstream.payload.iter_any():
-                await out.write(chunk)
+            async for chunk in payload.iter_any():
+                await request.write(chunk)
         except (TimeoutError, aiohttp.ClientError):
             # The head is already sent: the only honest signal left is to cut the
             # connection so the client sees a truncated response, not a complete one.
             log.warning("upstream failed mid-body; closing the client connection")
-            if request.transport is not None:
-                request.transport.close()
-            return out
-        await out.write_eof()
-        return out
+            request.abort()
+            return
+        await request.end_stream()
+        clean = True
     finally:
-        upstream.release()
+        release(clean)
 
 
-def is_upgrade(request: web.BaseRequest) -> bool:
+async def proxy_http(
+    client: UpstreamClient,
+    rules: HeaderRules,
+    request: Incoming,
+    route: Route,
+    path: str,
+    query: str,
+    headers: list[bytes],
+    request_id: str,
+    candidates: list[Target] | None = None,
+) -> None:
+    """Forward ``request`` and write the upstream's answer to the client (the
+    coroutine path: request bodies, new connections, retries)."""
+    length = request.content_length
+    if length is not None and length > route.max_body:
+        raise BodyTooLarge()
+    state = _BodyState()
+    # A client that hangs up while we wait on the upstream cancels the exchange
+    # (and its upstream connection) rather than leaving it to the route timeout.
+    request.protocol.cancel_on_lost = True
+    upstream = await _open(client, request, route, path, query, headers, state, candidates)
+    request.protocol.cancel_on_lost = False
+    if upstream.payload.is_eof():
+        try:
+            _send_whole(rules, request, upstream.message, upstream.payload, request_id)
+        finally:
+            upstream.release()
+        return
+    await _stream(
+        rules,
+        request,
+        upstream.message,
+        upstream.payload,
+        request_id,
+        lambda clean: upstream.release(),
+    )
+
+
+def is_upgrade(request: Incoming | web.BaseRequest) -> bool:
     return (
         "upgrade" in request.headers.get("Connection", "").lower() and "Upgrade" in request.headers
     )
 
 
-def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+def is_websocket_upgrade(request: Incoming | web.BaseRequest) -> bool:
     return is_upgrade(request) and request.headers.get("Upgrade", "").lower() == "websocket"
 
 

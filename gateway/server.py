@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -18,42 +19,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-from aiohttp.web_request import BaseRequest
-
 from gateway.app import Gateway
 from gateway.config import Config
-from gateway.errors import status_error
+from gateway.http_server import HttpServer
 
 log = logging.getLogger("gateway")
-
-
-class _JsonErrorHandler(web.RequestHandler):
-    """aiohttp's connection handler, answering its own errors (parser errors,
-    timeouts, unexpected exceptions) in the contract's JSON shape instead of
-    text/plain."""
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status >= 500:
-            self.log_exception("error handling request", exc_info=exc)
-        else:
-            self.log_debug("rejected request: %s", message)
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; closing the connection")
-        response = status_error(status)
-        response.force_close()
-        return response
-
-
-class _JsonErrorServer(web.Server):
-    def __call__(self) -> web.RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
 
 
 class Listener:
@@ -63,38 +33,38 @@ class Listener:
         self.config = config
         self.gateway = Gateway(config)
         self._reuse_port = reuse_port
-        self._runner: web.ServerRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._http: HttpServer | None = None
         self.port: int = config.server.port
 
     async def start(self) -> None:
         await self.gateway.start()
         try:
-            server = _JsonErrorServer(self.gateway.handle, access_log=None)
-            self._runner = web.ServerRunner(
-                server, handle_signals=False, shutdown_timeout=self.config.server.shutdown_grace
-            )
-            await self._runner.setup()
-            site = web.TCPSite(
-                self._runner,
+            self._http = HttpServer(self.gateway.handle, on_done=self.gateway.request_done)
+            self._server = await asyncio.get_running_loop().create_server(
+                self._http,
                 self.config.server.host,
                 self.config.server.port,
-                reuse_port=self._reuse_port,
+                reuse_port=self._reuse_port or None,
                 backlog=1024,
             )
-            await site.start()
         except BaseException:
             await self.stop()
             raise
-        for address in self._runner.addresses:
-            self.port = address[1]
+        for sock in self._server.sockets:
+            self.port = sock.getsockname()[1]
             break
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_grace), close."""
         self.gateway.draining = True
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            self._server.close()
+        if self._http is not None:
+            await self._http.drain(self.config.server.shutdown_grace)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
         await self.gateway.close()
 
 
@@ -106,6 +76,12 @@ async def serve(config: Config, *, reuse_port: bool = False, parent_pid: int | N
         loop.add_signal_handler(sig, stop.set)
     listener = Listener(config, reuse_port=reuse_port)
     await listener.start()
+    # Everything allocated so far lives as long as the worker: moved out of the
+    # collector's sight, a full collection no longer walks it (shorter pauses,
+    # which show in the p99), and young collections run less often.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(7000, 20, 20)
     log.info(
         "wx-gateway listening on http://%s:%s (pid %s)",
         config.server.host,

@@ -1,11 +1,20 @@
-"""A lean HTTP/1.1 client for the proxy hot path: keep-alive pools per target.
+"""A lean HTTP/1.1 client for the proxy path: keep-alive connections per target.
 
 Why not ``ClientSession.request``: profiling showed it spending more time on
 generality (URL objects, cookie and auth handling, default headers, tracing)
 than on I/O. Here a request is one pre-built head written to a pooled
-connection, and the response is parsed by aiohttp's own protocol and llhttp
-parser (``ResponseHandler``), so parsing, flow control and read timeouts are
-aiohttp's tested code. The body streams both ways; nothing is buffered whole.
+connection, and the response is parsed by aiohttp's llhttp parser
+(``HttpResponseParser``), whose body ``StreamReader`` brings aiohttp's flow
+control. The body streams both ways; nothing is buffered whole.
+
+An exchange reports the response head through a callback, not a future, so
+the proxy's fast lane (:mod:`gateway.proxy`) can answer the client from inside
+``data_received`` with no task switch; :meth:`HostPool.request` wraps the same
+callback in a future for the coroutine path.
+
+One timer per connection implements the route timeout: the wait for the head
+once the request is sent, then the longest silence while the body streams. It
+is re-armed lazily, not per read.
 
 A keep-alive connection the upstream closed while idle is the one fault that is
 retried: only for a request with no body whose response had not started, on a
@@ -17,15 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 
-from aiohttp import ClientConnectionError, ClientError, ServerTimeoutError
-from aiohttp.client_proto import ResponseHandler
+from aiohttp import ClientPayloadError, ServerTimeoutError
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import RawResponseMessage
+from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict
 
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
@@ -41,24 +48,167 @@ class ConnectFailed(Exception):
         self.timed_out = timed_out
 
 
-@dataclass(slots=True)
-class UpstreamResponse:
-    message: RawResponseMessage
-    payload: StreamReader
-    _pool: HostPool
-    _proto: ResponseHandler
-    _writer: asyncio.Task[None] | None
+class ExchangeFailed(Exception):
+    """The upstream gave no usable response head."""
 
-    def release(self) -> None:
-        """Return the connection to the pool if the exchange ended cleanly, else close it."""
-        writer = self._writer
-        writer_done = writer is None or (
-            writer.done() and not writer.cancelled() and writer.exception() is None
+    def __init__(self, *, timed_out: bool = False, stale: bool = False) -> None:
+        super().__init__("timed out" if timed_out else "failed")
+        self.timed_out = timed_out
+        # Closed before sending a single byte of the response: a keep-alive
+        # connection the upstream had dropped while it sat idle.
+        self.stale = stale
+
+
+OnHead = Callable[[RawResponseMessage | None, StreamReader | None, ExchangeFailed | None], None]
+
+
+class UpstreamConnection(BaseProtocol):
+    """One connection to an upstream, carrying one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
+        super().__init__(loop)
+        self.pool = pool
+        self.should_close = False
+        self.message: RawResponseMessage | None = None
+        self.payload: StreamReader | None = None
+        self._on_head: OnHead | None = None
+        self._received = False
+        self._timeout = 0.0
+        self._timing = False
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._reusable: HttpResponseParser | None = None
+        self._head_only = False
+
+    # -- one exchange -----------------------------------------------------------------
+    def begin(self, method: str, timeout: float, on_head: OnHead, *, timing: bool) -> None:
+        """Expect a response to a request about to be written. With ``timing``
+        false the clock starts later, by :meth:`start_timeout` (after the body)."""
+        head_only = method == "HEAD"
+        if self._reusable is None or self._head_only != head_only:
+            # llhttp is ready for the next response once one is complete, so a
+            # parser serves the connection's whole life (HEAD needs its own mode).
+            self._reusable = HttpResponseParser(
+                self,
+                self._loop,
+                2**16,
+                response_with_body=not head_only,
+                read_until_eof=True,
+                auto_decompress=False,
+            )
+            self._head_only = head_only
+        self._parser = self._reusable
+        self.message = None
+        self.payload = None
+        self._on_head = on_head
+        self._received = False
+        self._timeout = timeout
+        if timing:
+            self.start_timeout()
+
+    def start_timeout(self) -> None:
+        self._timing = True
+        self._last = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._last + self._timeout, self._check_timer)
+
+    def finished(self) -> bool:
+        """The response is complete and the connection may carry another."""
+        payload = self.payload
+        return (
+            payload is not None
+            and payload.is_eof()
+            and payload.exception() is None
+            and self.message is not None
+            and not self.message.should_close
+            and not self.should_close
         )
-        if self._writer is not None and not self._writer.done():
-            self._writer.cancel()
-        clean = writer_done and self.payload.is_eof() and not self.message.should_close
-        self._pool.release(self._proto, reuse=clean)
+
+    def end(self) -> None:
+        self._timing = False
+        self._on_head = None
+        self._parser = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            if not data:
+                return  # flow control resuming after the exchange ended
+            # Bytes with no request outstanding: nothing on this connection can be
+            # trusted to frame the next response.
+            self.should_close = True
+            self.close()
+            return
+        self._received = True
+        if self._timing:
+            self._last = self._loop.time()
+        try:
+            messages, _, _ = parser.feed_data(data)
+        except HttpProcessingError:
+            self.should_close = True
+            self._fail(ExchangeFailed())
+            self.close()
+            return
+        if messages:
+            self.message, self.payload = messages[0]
+            callback = self._on_head
+            self._on_head = None
+            if callback is not None:
+                callback(self.message, self.payload, None)
+            if self.payload is not None and self.payload.is_eof():
+                self._timing = False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.should_close = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        parser = self._parser
+        payload = self.payload
+        if payload is not None and not payload.is_eof():
+            # A body read until the connection closes ends here; any other body
+            # was cut short.
+            try:
+                if parser is not None:
+                    parser.feed_eof()
+            except HttpProcessingError:
+                pass
+            if not payload.is_eof():
+                payload.set_exception(ClientPayloadError("the upstream closed mid-body"))
+        self._fail(ExchangeFailed(stale=not self._received))
+
+    def _fail(self, error: ExchangeFailed) -> None:
+        callback = self._on_head
+        self._on_head = None
+        if callback is not None:
+            callback(None, None, error)
+
+    def _check_timer(self) -> None:
+        self._timer = None
+        if not self._timing or self.transport is None:
+            return
+        if self.payload is not None and self.payload.is_eof():
+            self._timing = False
+            return
+        deadline = self._last + self._timeout
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._check_timer)
+            return
+        self.should_close = True
+        if self.payload is not None and not self.payload.is_eof():
+            self.payload.set_exception(ServerTimeoutError("the upstream went silent"))
+        self._fail(ExchangeFailed(timed_out=True))
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def release(self, reuse: bool) -> None:
+        self.end()
+        self.pool.release(self, reuse=reuse)
 
 
 class HostPool:
@@ -66,14 +216,14 @@ class HostPool:
         self._host = host
         self._port = port
         self._tls = tls
-        self._idle: list[ResponseHandler] = []
+        self._idle: list[UpstreamConnection] = []
 
-    async def _connect(self, connect_timeout: float) -> ResponseHandler:
+    async def connect(self, connect_timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
-            _, proto = await asyncio.wait_for(
+            _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: ResponseHandler(loop),
+                    lambda: UpstreamConnection(loop, self),
                     self._host,
                     self._port,
                     ssl=self._tls,
@@ -85,25 +235,25 @@ class HostPool:
             raise ConnectFailed(timed_out=True) from None
         except OSError:
             raise ConnectFailed(timed_out=False) from None
-        return proto
+        return conn
 
-    def _take_idle(self) -> ResponseHandler | None:
+    def take_idle(self) -> UpstreamConnection | None:
         while self._idle:
-            proto = self._idle.pop()
-            if proto.is_connected() and not proto.should_close:
-                return proto
-            proto.close()
+            conn = self._idle.pop()
+            if conn.transport is not None and not conn.should_close:
+                return conn
+            conn.close()
         return None
 
-    def release(self, proto: ResponseHandler, *, reuse: bool) -> None:
-        if reuse and proto.is_connected() and len(self._idle) < MAX_IDLE_PER_TARGET:
-            self._idle.append(proto)
+    def release(self, conn: UpstreamConnection, *, reuse: bool) -> None:
+        if reuse and conn.transport is not None and len(self._idle) < MAX_IDLE_PER_TARGET:
+            self._idle.append(conn)
         else:
-            proto.close()
+            conn.close()
 
     def close(self) -> None:
-        for proto in self._idle:
-            proto.close()
+        for conn in self._idle:
+            conn.close()
         self._idle.clear()
 
     async def request(
@@ -114,68 +264,101 @@ class HostPool:
         chunked: bool,
         read_timeout: float,
     ) -> UpstreamResponse:
-        proto = self._take_idle()
-        if proto is not None:
+        conn = self.take_idle()
+        if conn is not None:
             try:
-                return await self._exchange(proto, method, head, body, chunked, read_timeout)
+                return await _exchange(conn, method, head, body, chunked, read_timeout)
             except _StaleConnection:
                 pass  # the upstream closed an idle connection: one fresh try below
-        proto = await self._connect(read_timeout)
+        conn = await self.connect(read_timeout)
         try:
-            return await self._exchange(proto, method, head, body, chunked, read_timeout)
+            return await _exchange(conn, method, head, body, chunked, read_timeout)
         except _StaleConnection:
             raise UpstreamUnavailable() from None
 
-    async def _exchange(
+
+class UpstreamResponse:
+    __slots__ = ("_conn", "_writer", "message", "payload")
+
+    def __init__(
         self,
-        proto: ResponseHandler,
-        method: str,
-        head: bytes,
-        body: AsyncIterator[bytes] | None,
-        chunked: bool,
-        read_timeout: float,
-    ) -> UpstreamResponse:
-        proto.set_response_params(
-            skip_payload=method == "HEAD",
-            auto_decompress=False,
-            read_timeout=read_timeout,
-            read_bufsize=2**16,
+        conn: UpstreamConnection,
+        message: RawResponseMessage,
+        payload: StreamReader,
+        writer: asyncio.Task[None] | None,
+    ) -> None:
+        self._conn = conn
+        self.message = message
+        self.payload = payload
+        self._writer = writer
+
+    def release(self) -> None:
+        """Return the connection to the pool if the exchange ended cleanly, else close it."""
+        writer = self._writer
+        writer_done = writer is None or (
+            writer.done() and not writer.cancelled() and writer.exception() is None
         )
-        transport = proto.transport
-        assert transport is not None
-        transport.write(head)
-        writer = None
-        if body is None:
-            proto.start_timeout()
-        else:
-            # The body is written concurrently with reading: an upstream may answer
-            # (413, 401...) before it has read everything.
-            writer = asyncio.create_task(_write_body(proto, body, chunked))
-        try:
-            message, payload = await proto.read()
-        except ServerTimeoutError:
-            proto.close()
-            await _cancel(writer)
-            raise UpstreamTimeout() from None
-        except (ClientError, HttpProcessingError, OSError) as exc:
-            proto.close()
-            finished = writer is not None and writer.done() and not writer.cancelled()
-            body_error = writer.exception() if writer is not None and finished else None
-            await _cancel(writer)
-            if body_error is not None:
-                raise body_error from None
-            if body is None and method in IDEMPOTENT and isinstance(exc, ClientConnectionError):
-                raise _StaleConnection() from None
-            raise UpstreamUnavailable() from None
-        except BaseException:
-            proto.close()
-            await _cancel(writer)
-            raise
-        return UpstreamResponse(message, payload, self, proto, writer)
+        if writer is not None and not writer.done():
+            writer.cancel()
+        self._conn.release(reuse=writer_done and self._conn.finished())
 
 
 class _StaleConnection(Exception):
     pass
+
+
+async def _exchange(
+    conn: UpstreamConnection,
+    method: str,
+    head: bytes,
+    body: AsyncIterator[bytes] | None,
+    chunked: bool,
+    read_timeout: float,
+) -> UpstreamResponse:
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[tuple[RawResponseMessage, StreamReader]] = loop.create_future()
+
+    def on_head(
+        message: RawResponseMessage | None, payload: StreamReader | None, err: ExchangeFailed | None
+    ) -> None:
+        if waiter.done():
+            return
+        if err is not None:
+            waiter.set_exception(err)
+        else:
+            assert message is not None and payload is not None
+            waiter.set_result((message, payload))
+
+    conn.begin(method, read_timeout, on_head, timing=body is None)
+    transport = conn.transport
+    if transport is None:
+        conn.release(reuse=False)
+        raise _StaleConnection()
+    transport.write(head)
+    writer = None
+    if body is not None:
+        # The body is written concurrently with reading: an upstream may answer
+        # (413, 401...) before it has read everything.
+        writer = asyncio.create_task(_write_body(conn, body, chunked))
+    try:
+        message, payload = await waiter
+    except ExchangeFailed as exc:
+        conn.release(reuse=False)
+        finished = writer is not None and writer.done() and not writer.cancelled()
+        body_error = writer.exception() if writer is not None and finished else None
+        await _cancel(writer)
+        if body_error is not None:
+            raise body_error from None
+        if exc.timed_out:
+            raise UpstreamTimeout() from None
+        if exc.stale and body is None and method in IDEMPOTENT:
+            raise _StaleConnection() from None
+        raise UpstreamUnavailable() from None
+    except BaseException:
+        conn.release(reuse=False)
+        await _cancel(writer)
+        raise
+    return UpstreamResponse(conn, message, payload, writer)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
@@ -187,8 +370,8 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
         await task  # also marks a stored exception as retrieved
 
 
-async def _write_body(proto: ResponseHandler, body: AsyncIterator[bytes], chunked: bool) -> None:
-    transport = proto.transport
+async def _write_body(conn: UpstreamConnection, body: AsyncIterator[bytes], chunked: bool) -> None:
+    transport = conn.transport
     try:
         async for chunk in body:
             if transport is None or transport.is_closing():
@@ -199,35 +382,34 @@ async def _write_body(proto: ResponseHandler, body: AsyncIterator[bytes], chunke
                 transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:
                 transport.write(chunk)
-            if proto.writing_paused:
-                await proto._drain_helper()
+            if conn.writing_paused:
+                await conn._drain_helper()
         if chunked and transport is not None and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
     except BaseException:
         # A body that failed (over max_body, client gone) must end the exchange
         # now: closing the connection fails the pending read at once, instead of
         # waiting out the route timeout, and the upstream never sees a full request.
-        proto.close()
+        conn.close()
         raise
     finally:
         # The head wait starts once the request is complete (or failed).
-        proto.start_timeout()
-    return None
+        conn.start_timeout()
 
 
 def build_head(
-    method: str, path_qs: str, host_header: str, headers: CIMultiDict[str], chunked: bool
+    method: str, path_qs: str, host_header: str, lines: list[bytes], chunked: bool
 ) -> bytes:
-    """The request line and header block, as bytes on the wire."""
-    parts = [f"{method} {path_qs} HTTP/1.1\r\nHost: {host_header}\r\n"]
-    for name, value in headers.items():
-        parts.append(f"{name}: {value}\r\n")
-    if chunked:
-        parts.append("Transfer-Encoding: chunked\r\n")
-    parts.append("\r\n")
-    # Header values came through aiohttp's parser (no CR/LF/NUL) or from the
-    # gateway itself; bytes that were not UTF-8 travel back as they came.
-    return "".join(parts).encode("utf-8", "surrogateescape")
+    """The request line and header block, as bytes on the wire. ``lines`` come
+    from :meth:`gateway.headers.HeaderRules.upstream_lines`: values the parser
+    accepted (no CR/LF/NUL) or the gateway's own."""
+    # The path came through the parser as UTF-8 with surrogateescape: the bytes
+    # the client sent go on unchanged.
+    start = f"{method} {path_qs} HTTP/1.1\r\nHost: {host_header}\r\n".encode(
+        "utf-8", "surrogateescape"
+    )
+    end = b"Transfer-Encoding: chunked\r\n\r\n" if chunked else b"\r\n"
+    return b"".join((start, *lines, end))
 
 
 class UpstreamPools:

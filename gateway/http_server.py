@@ -1,0 +1,559 @@
+"""The HTTP/1.1 server of one worker: aiohttp's llhttp parser, fed directly.
+
+Why not aiohttp's ``web.Server``: once the upstream side was lean, profiling
+the proxy path showed most of a request's time in the server's generality: a
+``BaseRequest`` with its lazy properties, a ``StreamResponse`` and a
+``StreamWriter`` per answer, headers serialised through multidicts, a task per
+request. Here a connection is one protocol object and one task, a request is
+the parser's ``RawRequestMessage`` plus its body ``StreamReader``, and a
+complete answer leaves in one ``transport.write``.
+
+What stays aiohttp's tested code: the request parser (llhttp: framing, limits,
+smuggling checks), body streams with their flow control, and WebSocket, which is
+handed to aiohttp's ``WebSocketResponse`` through a real ``BaseRequest`` bound
+to this protocol (:meth:`Incoming.as_aiohttp`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import http
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.http_websocket import WebSocketReader
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestPayloadError
+
+from gateway.errors import status_error
+
+log = logging.getLogger("gateway.server")
+
+READ_LIMIT = 2**16
+MAX_LINE = 8190  # request line and each header line, as aiohttp's server
+MAX_HEADERS = 128
+KEEPALIVE_TIMEOUT = 75.0
+# Pipelined requests parsed ahead of the one being served; past this the socket
+# is not read until the queue drains (a client cannot make us buffer without end).
+MAX_QUEUED = 32
+# Responses that never carry a body (RFC 9110 6.4.1), whatever their headers say.
+_NO_BODY_STATUS = frozenset({204, 304})
+
+# Answers a request: at once or through a callback (returns None and calls
+# ``request.finish()`` when done), or by returning an awaitable to run as a task.
+Handler = Callable[["Incoming"], Awaitable[None] | None]
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+class _Date:
+    """The Date header, formatted once per second rather than per response."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def line(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._line = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self._line
+
+
+_DATE = _Date()
+
+
+class Incoming:
+    """One request as the gateway sees it, and the means to answer it.
+
+    It offers the few ``BaseRequest`` attributes the gateway reads (method,
+    headers, remote, content...), so the handlers do not care which server
+    runs them.
+    """
+
+    __slots__ = (
+        "content",
+        "finished",
+        "headers",
+        "keep_alive",
+        "message",
+        "method",
+        "on_lost",
+        "protocol",
+        "raw_path",
+        "remote",
+        "responded",
+        "route",
+        "started",
+        "status",
+        "version",
+    )
+    scheme = "http"
+
+    def __init__(self, protocol: HttpProtocol, message: RawRequestMessage, payload: StreamReader):
+        self.protocol = protocol
+        self.message = message
+        self.content = payload
+        self.method: str = message.method
+        self.raw_path: str = message.path
+        self.headers = message.headers
+        self.version = message.version
+        self.remote: str | None = protocol.remote
+        self.keep_alive = not message.should_close and not protocol.server.draining
+        self.responded = False
+        self.finished = False
+        self.status = 0
+        self.started = 0.0
+        self.route: str | None = None  # the matched route's prefix, for metrics
+        # Called if the client goes away while the answer is pending.
+        self.on_lost: Callable[[], None] | None = None
+
+    def finish(self) -> None:
+        """The answer is complete: the connection may go on to the next request."""
+        if not self.finished:
+            self.finished = True
+            self.protocol.request_done(self)
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None else None
+
+    @property
+    def body_exists(self) -> bool:
+        return self.content is not EMPTY_PAYLOAD
+
+    # -- answering ---------------------------------------------------------------
+    def _head(
+        self, status: int, reason: str, lines: Iterable[bytes], framing: bytes, own: bool
+    ) -> bytes:
+        self.responded = True
+        self.status = status
+        if not self.keep_alive:
+            connection = b"Connection: close\r\n"
+        elif self.version.minor == 0:
+            connection = b"Connection: keep-alive\r\n"
+        else:
+            connection = b""
+        status_line = b"HTTP/1.1 %d %s\r\n" % (
+            status,
+            (reason or _reason(status)).encode("latin-1", "replace"),
+        )
+        date = _DATE.line() if own else b""
+        return b"".join((status_line, *lines, date, framing, connection, b"\r\n"))
+
+    def send(
+        self, status: int, reason: str, lines: Iterable[bytes], body: bytes, *, own: bool = False
+    ) -> None:
+        """A complete answer in one write. ``lines`` are header lines with their CRLF,
+        without framing (Content-Length / Transfer-Encoding), which is set here."""
+        bodyless = self.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
+        framing = b"" if bodyless else b"Content-Length: %d\r\n" % len(body)
+        head = self._head(status, reason, lines, framing, own)
+        transport = self.protocol.transport
+        if transport is not None:
+            transport.write(head if bodyless else head + body)
+
+    def send_response(self, response: web.StreamResponse) -> None:
+        """Serialise an aiohttp ``Response`` (the gateway's own JSON answers)."""
+        body = response.body if isinstance(response, web.Response) else b""
+        if not isinstance(body, bytes):
+            raise TypeError("own responses carry bytes")
+        lines = [
+            f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+            for name, value in response.headers.items()
+            if name.lower() not in ("content-length", "transfer-encoding", "connection", "date")
+        ]
+        if response.keep_alive is False:
+            self.keep_alive = False
+        self.send(response.status, response.reason, lines, body, own=True)
+
+    async def start_stream(
+        self, status: int, reason: str, lines: Iterable[bytes], length: int | None
+    ) -> None:
+        """Send the head of an answer whose body follows by :meth:`write`."""
+        if length is not None:
+            framing = b"Content-Length: %d\r\n" % length
+            self.protocol.chunked = False
+        elif self.version >= (1, 1):
+            framing = b"Transfer-Encoding: chunked\r\n"
+            self.protocol.chunked = True
+        else:
+            # An HTTP/1.0 client knows no chunked encoding: the end of the
+            # connection marks the end of the body.
+            framing = b""
+            self.keep_alive = False
+            self.protocol.chunked = False
+        await self.protocol.write(self._head(status, reason, lines, framing, own=False))
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk or self.method == "HEAD":
+            return
+        if self.protocol.chunked:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        await self.protocol.write(chunk)
+
+    async def end_stream(self) -> None:
+        if self.protocol.chunked and self.method != "HEAD":
+            await self.protocol.write(b"0\r\n\r\n")
+
+    def send_continue(self) -> None:
+        transport = self.protocol.transport
+        if transport is not None:
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def abort(self) -> None:
+        """Cut the connection: the only honest end of an answer already under way."""
+        self.keep_alive = False
+        transport = self.protocol.transport
+        if transport is not None:
+            transport.close()
+
+    def as_aiohttp(self) -> web.BaseRequest:
+        """A real aiohttp request on this connection, for WebSocket upgrades."""
+        protocol = self.protocol
+        self.keep_alive = False
+        return web.BaseRequest(
+            self.message,
+            self.content,
+            protocol,  # type: ignore[arg-type]  # the attributes it reads are provided
+            StreamWriter(protocol, protocol.loop),
+            asyncio.current_task(),  # type: ignore[arg-type]
+            protocol.loop,
+        )
+
+
+class HttpProtocol(BaseProtocol):
+    """One client connection: parse, queue, serve one request at a time, in order."""
+
+    # Read by aiohttp's BaseRequest / WebSocketResponse when a WebSocket is handed over.
+    ssl_context = None
+    max_field_size = MAX_LINE
+    max_headers = MAX_HEADERS
+    _timeout_ceil_threshold = 5
+
+    def __init__(self, server: HttpServer) -> None:
+        loop = server.loop
+        parser = HttpRequestParser(
+            self,
+            loop,
+            READ_LIMIT,
+            max_line_size=MAX_LINE,
+            max_headers=MAX_HEADERS,
+            max_field_size=MAX_LINE,
+            payload_exception=RequestPayloadError,
+            # A proxy forwards bodies as sent: Content-Encoding is the upstream's business.
+            auto_decompress=False,
+        )
+        super().__init__(loop, parser)
+        self.loop = loop
+        self.server = server
+        self.remote: str | None = None
+        self.peername: Any = None
+        self.sockname: Any = None
+        self.chunked = False
+        self.busy = False
+        self._queue: collections.deque[tuple[RawRequestMessage | HttpProcessingError, Any]] = (
+            collections.deque()
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._current: Incoming | None = None
+        self._processing = False
+        self._closed = False
+        self._ws_parser: WebSocketReader | None = None
+        self._ws_callback: Callable[[], None] | None = None
+        self._tail = b""
+        self._stop_reading = False
+        self._eof = False
+        self._idle_since = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        # Set while a proxied exchange waits on its upstream: a client that hangs
+        # up then cancels the exchange instead of leaving it to the route timeout.
+        self.cancel_on_lost = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.peername = transport.get_extra_info("peername")
+        self.sockname = transport.get_extra_info("sockname")
+        if isinstance(self.peername, tuple | list) and self.peername:
+            self.remote = str(self.peername[0])
+        self.server.connections.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._ws_parser is not None:
+            if self._ws_callback is not None:
+                self._ws_callback()
+            self._ws_parser.feed_data(data)
+            return
+        if self._upgraded:
+            self._tail += data
+            return
+        if self._stop_reading:
+            return
+        assert self._parser is not None
+        messages: Any
+        try:
+            messages, upgraded, tail = self._parser.feed_data(data)
+        except HttpProcessingError as exc:
+            # Nothing after a framing error can be trusted: answer it, then close.
+            self._stop_reading = True
+            messages, upgraded, tail = [(exc, None)], False, b""
+        if upgraded:
+            self._upgraded = True
+            self._tail = tail
+        if messages:
+            self._queue.extend(messages)
+            if len(self._queue) >= MAX_QUEUED and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+            self._process()
+
+    def eof_received(self) -> bool:
+        # The client finished sending (it may still read: a half-closed socket
+        # gets its answers). A body still expected is cut short.
+        if self._ws_parser is not None or self._upgraded:
+            return False
+        self._eof = True
+        if self._parser is not None and not self._stop_reading:
+            try:
+                self._parser.feed_eof()
+            except HttpProcessingError as exc:
+                self._fail_payloads(exc)
+        if self._current is None and not self._queue:
+            self.close()
+        return True
+
+    def _fail_payloads(self, exc: BaseException) -> None:
+        current = self._current.content if self._current is not None else None
+        payloads = [current, *(queued for _, queued in self._queue)]
+        for payload in payloads:
+            if payload is not None and payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                payload.set_exception(exc)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.server.connections.discard(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._ws_parser is not None:
+            self._ws_parser.feed_eof()
+        self._fail_payloads(ConnectionResetError("the client closed the connection"))
+        self._queue.clear()
+        current = self._current
+        if current is not None and current.on_lost is not None:
+            current.on_lost()
+        if self.cancel_on_lost and self._task is not None:
+            self._task.cancel()
+
+    # -- what aiohttp's WebSocketResponse calls on its protocol ---------------------
+    def set_parser(
+        self, parser: WebSocketReader, data_received_cb: Callable[[], None] | None = None
+    ) -> None:
+        self._ws_parser = parser
+        self._ws_callback = data_received_cb
+        if self._tail:
+            parser.feed_data(self._tail)
+            self._tail = b""
+
+    def keep_alive(self, val: bool) -> None:
+        pass  # a WebSocket connection ends with its handler
+
+    # -- writing ----------------------------------------------------------------------
+    async def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        transport.write(data)
+        if self._paused:
+            await self._drain_helper()
+
+    def close(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- serving, in order ------------------------------------------------------------
+    def _process(self) -> None:
+        """Serve queued requests in order until one has to wait for I/O.
+
+        Runs inside ``data_received`` (and after each answer): a request the
+        gateway can answer without waiting, or by a callback from the upstream
+        connection, costs no task and no loop iteration.
+        """
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._queue and self._current is None and not self._closed:
+                message, payload = self._queue.popleft()
+                if self._buffer_paused and len(self._queue) <= MAX_QUEUED // 2:
+                    self._resume_reading_for_buffer()
+                if isinstance(message, HttpProcessingError):
+                    self._refuse(message)
+                    self.close()
+                    return
+                request = Incoming(self, message, payload)
+                self._current = request
+                self.busy = True
+                try:
+                    pending = self.server.handler(request)
+                except Exception:
+                    log.exception("unhandled error serving a request")
+                    self._fail_request(request)
+                    continue
+                if pending is not None:
+                    self.run_pending(request, pending)
+            if self._current is None:
+                self.busy = False
+                self._idle_since = self.loop.time()
+                if self._eof or self._stop_reading or self.server.draining:
+                    self.close()
+        finally:
+            self._processing = False
+
+    def run_pending(self, request: Incoming, pending: Awaitable[None]) -> None:
+        """Finish answering ``request`` in a task (I/O to wait on)."""
+        self._task = self.loop.create_task(self._run_pending(request, pending))
+
+    async def _run_pending(self, request: Incoming, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except (ConnectionError, RequestPayloadError, asyncio.CancelledError):
+            request.keep_alive = False  # the client went away mid-answer
+        except Exception:
+            log.exception("unhandled error serving a request")
+            self._fail_request(request)
+        finally:
+            self._task = None
+            self.cancel_on_lost = False
+        request.finish()
+
+    def _fail_request(self, request: Incoming) -> None:
+        request.keep_alive = False
+        if not request.responded:
+            request.send_response(status_error(500))
+        request.finish()
+
+    def request_done(self, request: Incoming) -> None:
+        if request is not self._current:
+            return
+        self._current = None
+        self.cancel_on_lost = False
+        self.server.on_done(request)
+        if self.transport is None:
+            return
+        if self._upgraded and self._ws_parser is None and request.keep_alive:
+            # The parser took CONNECT or an Upgrade as the end of HTTP, but the
+            # gateway refused it: the bytes after it are HTTP requests again.
+            self._upgraded = False
+            assert self._parser is not None
+            self._parser.set_upgraded(False)
+            tail, self._tail = self._tail, b""
+            if tail:
+                self.data_received(tail)
+        # A body the handler did not read to its end would be parsed as the next
+        # request by a naive server; this one closes instead.
+        if not (request.keep_alive and request.content.is_eof() and not self._upgraded):
+            self.close()
+            return
+        self._process()
+
+    def _refuse(self, exc: HttpProcessingError) -> None:
+        log.debug("refused a malformed request: %s", exc)
+        status = exc.code if 400 <= exc.code < 500 else 400
+        response = status_error(status)
+        transport = self.transport
+        if transport is None:
+            return
+        lines = [
+            f"{name}: {value}\r\n".encode()
+            for name, value in response.headers.items()
+            if name.lower() != "content-length"
+        ]
+        body = response.body if isinstance(response.body, bytes) else b""
+        transport.write(
+            b"HTTP/1.1 %d %s\r\n%bContent-Length: %d\r\nConnection: close\r\n\r\n%b"
+            % (status, _reason(status).encode(), b"".join(lines), len(body), body)
+        )
+
+    # -- idle keep-alive connections ------------------------------------------------------
+    def _arm_idle(self) -> None:
+        self._idle_since = self.loop.time()
+        self._idle_timer = self.loop.call_at(
+            self._idle_since + self.server.keepalive_timeout, self._check_idle
+        )
+
+    def _check_idle(self) -> None:
+        # One timer per connection, re-armed lazily: no timer churn per request.
+        self._idle_timer = None
+        if self.transport is None:
+            return
+        deadline = self._idle_since + self.server.keepalive_timeout
+        if not self.busy and not self._queue and self.loop.time() >= deadline:
+            self.transport.close()
+            return
+        next_check = max(deadline, self.loop.time() + 1.0)
+        self._idle_timer = self.loop.call_at(next_check, self._check_idle)
+
+    def close_if_idle(self) -> bool:
+        if not self.busy and not self._queue:
+            self.close()
+            return True
+        return False
+
+
+class HttpServer:
+    """The protocol factory and the set of live connections (for draining)."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        on_done: Callable[[Incoming], None] | None = None,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.handler = handler
+        self.on_done = on_done or (lambda request: None)
+        self.keepalive_timeout = keepalive_timeout
+        self.loop = loop or asyncio.get_running_loop()
+        self.connections: set[HttpProtocol] = set()
+        self.draining = False
+
+    def __call__(self) -> HttpProtocol:
+        return HttpProtocol(self)
+
+    async def drain(self, grace: float) -> None:
+        """Finish what is under way (up to ``grace`` seconds), then close the rest.
+
+        Idle keep-alive connections close at once; a busy one answers its
+        current request with ``Connection: close`` and closes after it.
+        """
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            for conn in list(self.connections):
+                conn.close_if_idle()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
