@@ -44,7 +44,8 @@ async def read_json_object(request: Incoming, limit: int = MAX_AUTH_BODY) -> dic
             raise BodyTooLarge()
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: a few KiB of nested brackets exhaust the decoder's stack.
         raise BadRequest("The body must be a JSON object.") from None
     if not isinstance(value, dict):
         raise BadRequest("The body must be a JSON object.")
@@ -57,6 +58,10 @@ def string_field(body: dict[str, Any], name: str, max_length: int) -> str:
         raise BadRequest(f"'{name}' must be a non-empty string.")
     if len(value) > max_length:
         raise BadRequest(f"'{name}' is longer than {max_length} characters.")
+    if not (value.isascii() and value.isprintable()):
+        # WeChat codes, ciphertexts and IVs are printable ASCII; anything else
+        # (a lone surrogate, control bytes) could not reach WeChat intact.
+        raise BadRequest(f"'{name}' must be printable ASCII.")
     return value
 
 

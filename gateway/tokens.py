@@ -25,6 +25,7 @@ ALGORITHM = "HS256"
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "sub", "sid"]
 # A JWT is three base64url parts; anything much longer is garbage or abuse.
 MAX_TOKEN_LENGTH = 4096
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -79,7 +80,9 @@ class TokenCodec:
 
     def verify(self, token: str, now: float) -> Claims:
         """Claims of a valid token; TokenInvalid / TokenExpired otherwise."""
-        if len(token) > MAX_TOKEN_LENGTH:
+        if len(token) > MAX_TOKEN_LENGTH or not _COMPACT_JWS.fullmatch(token):
+            # Only the compact form, base64url without padding (RFC 7515 2): a
+            # decoder that tolerates `=` would accept variants of one token.
             raise TokenInvalid()
         try:
             header = jwt.get_unverified_header(token)

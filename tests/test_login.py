@@ -218,6 +218,10 @@ async def test_expires_in_follows_token_ttl(
         pytest.param(b'{"code": {"a": 1}}', id="object-code"),
         pytest.param(b'{"code": true}', id="bool-code"),
         pytest.param(('{"code": "' + "c" * 1025 + '"}').encode(), id="1025-char-code"),
+        pytest.param(b'{"code": "\\ud800"}', id="lone-surrogate-code"),
+        pytest.param(b'{"code": "abc\\u0000"}', id="nul-in-code"),
+        pytest.param('{"code": "代码"}'.encode(), id="non-ascii-code"),
+        pytest.param(b"[" * 1000, id="deeply-nested-json"),
     ],
 )
 async def test_login_bad_request(
