@@ -42,7 +42,7 @@ from gateway.headers import HeaderRules, request_id_from
 from gateway.http_server import Incoming
 from gateway.identity import Identity, IdentityResolver
 from gateway.metrics import Metrics
-from gateway.paths import BadPath, NormalisedPath, normalise
+from gateway.paths import BadPath, NormalisedPath, normalise, split_target
 from gateway.routing import Route, Router
 from gateway.services import Services
 from gateway.storage import StorageError
@@ -65,20 +65,6 @@ class Scope:
     identity: Identity | None = None
 
 
-def split_target(target: str) -> tuple[str, str]:
-    """(path, query) of a request target, accepting the absolute form too."""
-    if not target.startswith("/"):
-        scheme, sep, rest = target.partition("://")
-        if not sep or scheme.lower() not in ("http", "https"):
-            raise BadPath("the request target must be a path")
-        slash = rest.find("/")
-        target = rest[slash:] if slash >= 0 else "/"
-    if "#" in target:
-        raise BadPath("a fragment is not allowed in a request")
-    path, _, query = target.partition("?")
-    return path, query
-
-
 class Gateway:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -91,7 +77,7 @@ class Gateway:
         )
         self.upstreams = proxy.UpstreamClient()
         self.metrics = Metrics()
-        self.auth = AuthEndpoints(config, self.services, self.identity, self.rules)
+        self.auth = AuthEndpoints(config, self.services, self.identity, self.rules, self.router)
         self.draining = False
         # Own endpoints: exact normalised path -> method -> handler.
         self.endpoints: dict[str, dict[str, Handler]] = {

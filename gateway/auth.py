@@ -14,13 +14,22 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.config import Config
+from gateway.config.model import AuthPolicy
 from gateway.errors import BadRequest, BodyTooLarge, DecryptFailed, SessionExpired
 from gateway.headers import HeaderRules
 from gateway.identity import Identity, IdentityResolver
+from gateway.paths import BadPath, normalise, split_target
 from gateway.ratelimit import RateLimiter
+from gateway.routing import Router
 from gateway.services import Services
 from gateway.wechat import crypto
 from gateway.wechat.client import PhoneInfo, phone_info_from
+
+
+def _is_own(path: str) -> bool:
+    # The gateway's own endpoints are never a proxied route's business.
+    return path in ("/healthz", "/readyz", "/metrics", "/auth") or path.startswith("/auth/")
+
 
 if TYPE_CHECKING:
     from gateway.app import Scope
@@ -67,9 +76,15 @@ def string_field(body: dict[str, Any], name: str, max_length: int) -> str:
 
 class AuthEndpoints:
     def __init__(
-        self, config: Config, services: Services, identity: IdentityResolver, rules: HeaderRules
+        self,
+        config: Config,
+        services: Services,
+        identity: IdentityResolver,
+        rules: HeaderRules,
+        router: Router,
     ) -> None:
         self._config = config
+        self._router = router
         self._services = services
         self._identity = identity
         self._rules = rules
@@ -146,11 +161,40 @@ class AuthEndpoints:
         return web.json_response({"data": data})
 
     async def verify(self, request: Incoming, scope: Scope) -> web.StreamResponse:
-        who = self._identity.require(request.headers)
+        """Forward-auth (nginx ``auth_request``, Traefik ForwardAuth, Caddy
+        ``forward_auth``): 200 with the identity headers, or the 401 errors.
+
+        From a trusted proxy, the original URI (``X-Forwarded-Uri``, else
+        ``X-Original-URI``) picks the route whose ``auth`` policy applies, so
+        ``public`` and ``optional`` routes behave as when proxied; without it,
+        or from anyone else, a valid token is required.
+        """
+        policy: AuthPolicy = "required"
+        original = self._original_uri(request)
+        if original is not None:
+            try:
+                path = normalise(split_target(original)[0])
+            except BadPath as exc:
+                raise BadRequest(f"Bad original URI: {exc}.") from None
+            route = None if _is_own(path.match) else self._router.match(path.match)
+            if route is not None:
+                policy = route.auth
+        who = self._identity.for_route(request.headers, policy)
+        if who is None:
+            return web.json_response({"openid": None, "unionid": None})
         headers = {self._rules.openid_header: who.openid}
         if who.unionid:
             headers[self._rules.unionid_header] = who.unionid
         return web.json_response({"openid": who.openid, "unionid": who.unionid}, headers=headers)
+
+    def _original_uri(self, request: Incoming) -> str | None:
+        if not self._rules.is_trusted(request.remote):
+            return None  # anyone could claim the URI of a public route
+        for name in ("X-Forwarded-Uri", "X-Original-URI"):
+            value = request.headers.get(name)
+            if value:
+                return value
+        return None
 
     async def _decrypt(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         encrypted = string_field(body, "encrypted_data", MAX_ENCRYPTED_LENGTH)

@@ -78,3 +78,17 @@ def normalise(raw_path: str) -> NormalisedPath:
         match="/" + "/".join(d for _, d in kept),
         forward="/" + "/".join(r for r, _ in kept),
     )
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """(path, query) of a request target, accepting the absolute form too."""
+    if not target.startswith("/"):
+        scheme, sep, rest = target.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            raise BadPath("the request target must be a path")
+        slash = rest.find("/")
+        target = rest[slash:] if slash >= 0 else "/"
+    if "#" in target:
+        raise BadPath("a fragment is not allowed in a request")
+    path, _, query = target.partition("?")
+    return path, query

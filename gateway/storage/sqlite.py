@@ -199,7 +199,7 @@ class SQLiteStorage(Storage):
             )
             return _user(next(iter(rows)))
 
-        return await self._run("upsert_login", upsert)
+        return await self._run("upsert_login", upsert, single=True)
 
     async def get_user(self, openid: str) -> UserRecord | None:
         async def get(conn: aiosqlite.Connection) -> UserRecord | None:
@@ -289,15 +289,26 @@ class SQLiteStorage(Storage):
             async with conn.execute(sql, params) as cursor:
                 return cursor.rowcount
 
-        return await self._run(what, write)
+        return await self._run(what, write, single=True)
 
     async def _run(
-        self, what: str, op: Op[T], *, write: bool = True, attempts: int | None = None
+        self,
+        what: str,
+        op: Op[T],
+        *,
+        write: bool = True,
+        attempts: int | None = None,
+        single: bool = False,
     ) -> T:
+        # single: one write statement, which SQLite runs as its own transaction
+        # (autocommit): no BEGIN/COMMIT round trips to the database thread, a
+        # third of the thread hops of a login. Several statements, or a read
+        # then a write, need the explicit BEGIN IMMEDIATE.
         # Shielded: a cancelled caller (shutdown, client gone) must not leave the
         # shared connection inside an open transaction holding the write lock
         # that every other worker is waiting for.
-        return await asyncio.shield(self._locked(what, op, write, attempts or self._attempts))
+        explicit = write and not single
+        return await asyncio.shield(self._locked(what, op, explicit, attempts or self._attempts))
 
     async def _locked(self, what: str, op: Op[T], write: bool, attempts: int) -> T:
         async with self._lock:
