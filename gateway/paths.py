@@ -21,6 +21,10 @@ from urllib.parse import unquote
 # nothing legitimate needs them, so they are refused rather than guessed at.
 _FORBIDDEN_ENCODED = re.compile(r"%(?:2[fF]|5[cC]|00)")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# What can make a path differ from its normal form: percent-escapes, `;params`,
+# empty or dot segments, and the refused characters. Most paths have none of
+# them and are their own normal form (the proxy path's common case).
+_NOT_PLAIN = re.compile(r"[%;\\\x00]|//|/\.")
 
 
 class BadPath(ValueError):
@@ -50,6 +54,13 @@ def _without_params(decoded: str) -> str:
 
 def normalise(raw_path: str) -> NormalisedPath:
     """Normalise the path part of a request target (no query string)."""
+    if raw_path.startswith("/") and not _NOT_PLAIN.search(raw_path):
+        return NormalisedPath(raw_path, raw_path)
+    return normalise_segments(raw_path)
+
+
+def normalise_segments(raw_path: str) -> NormalisedPath:
+    """The general case of :func:`normalise`, segment by segment."""
     if not raw_path.startswith("/"):
         raise BadPath("the path must start with /")
     if "\\" in raw_path or "\x00" in raw_path:

@@ -21,9 +21,11 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import RouteConfig
-from gateway.paths import BadPath, normalise
+from gateway.paths import BadPath, normalise, normalise_segments
 from gateway.routing import Router
 from tests.conftest import Running, StartGateway
 from tests.upstream import Recorder
@@ -442,3 +444,20 @@ async def test_own_endpoints_are_matched_on_the_normalised_path(
     reply = await raw_request(gw.listener.port, f"GET {target} HTTP/1.1")
     assert reply.status == status, reply.body
     assert seen.seen == []
+
+
+# The fast path of normalise() (a path that is already its own normal form) must
+# agree with the general segment-by-segment normalisation on every input.
+_PATH_ALPHABET = "ab/.;%2fF5c0-_~é\\"
+
+
+@given(st.text(alphabet=_PATH_ALPHABET, max_size=24).map(lambda s: "/" + s))
+@settings(max_examples=3000, deadline=None, derandomize=True, database=None)
+def test_fast_path_agrees_with_the_general_normalisation(raw: str) -> None:
+    try:
+        general = normalise_segments(raw)
+    except BadPath:
+        with pytest.raises(BadPath):
+            normalise(raw)
+        return
+    assert normalise(raw) == general
