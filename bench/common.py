@@ -21,9 +21,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+def pinned(cpus: str | None, argv: list[str]) -> list[str]:
+    """``argv`` run on the given CPUs (taskset), or as is when ``cpus`` is None."""
+    return ["taskset", "-c", cpus, *argv] if cpus else argv
+
+
+def start(args: list[str], cpus: str | None = None, **kwargs: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway", *args],
+        pinned(cpus, [sys.executable, "-m", "gateway", *args]),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

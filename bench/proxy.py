@@ -25,11 +25,16 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import free_port, need_wrk, parse_wrk, start, wait_http
+from bench.common import free_port, need_wrk, parse_wrk, pinned, start, wait_http
 from gateway.config import Secret, TokenConfig
 from gateway.tokens import TokenCodec
 
 SECRET = "bench-token-secret-0123456789abcdef0123456789"
+# With two CPUs or more, each contender runs on CPU 0 and the load side (nginx
+# and wrk) on CPU 1, the same for all: the scheduler then never moves the proxy
+# onto the load generator's CPU mid-run, which made runs noisy. `workers: 2`
+# needs both CPUs and is left unpinned. --no-pin turns it off.
+PROXY_CPU, LOAD_CPU = "0", "1"
 
 NGINX = """
 daemon off;
@@ -80,18 +85,23 @@ backend be
 """
 
 
-def wrk_run(url: str, token: str, seconds: int, connections: int) -> dict[str, float]:
+def wrk_run(
+    url: str, token: str, seconds: int, connections: int, cpus: str | None = None
+) -> dict[str, float]:
     out = subprocess.run(
-        [
-            need_wrk(),
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--latency",
-            "-H",
-            f"Authorization: Bearer {token}",
-            url,
-        ],
+        pinned(
+            cpus,
+            [
+                need_wrk(),
+                "-t1",
+                f"-c{connections}",
+                f"-d{seconds}s",
+                "--latency",
+                "-H",
+                f"Authorization: Bearer {token}",
+                url,
+            ],
+        ),
         capture_output=True,
         text=True,
         check=True,
@@ -115,8 +125,10 @@ def _check_rejects_forgery(port: int, token: str) -> None:
         raise SystemExit(f"port {port} accepted a forged token (status {status})")
 
 
-def _measure(port: int, token: str, connections: int, seconds: int) -> dict[str, float]:
-    return wrk_run(f"http://127.0.0.1:{port}/api/x", token, seconds, connections)
+def _measure(
+    port: int, token: str, connections: int, cpus: str | None, seconds: int
+) -> dict[str, float]:
+    return wrk_run(f"http://127.0.0.1:{port}/api/x", token, seconds, connections, cpus)
 
 
 def main() -> None:
@@ -125,7 +137,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--only", nargs="*", help="subset of targets to run")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     args = parser.parse_args()
+    pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    proxy_cpu, load_cpu = (PROXY_CPU, LOAD_CPU) if pin else (None, None)
     for tool in ("nginx", "haproxy"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             raise SystemExit(f"{tool} is needed: apt-get install nginx-light haproxy wrk")
@@ -140,10 +155,25 @@ def main() -> None:
             HAPROXY.format(port=ports["haproxy"], upstream_port=ports["nginx"], secret=SECRET)
         )
         procs = [
-            subprocess.Popen(["nginx", "-c", f"{tmp}/nginx.conf"], stderr=subprocess.DEVNULL),
-            subprocess.Popen(["haproxy", "-f", f"{tmp}/haproxy.cfg"], stderr=subprocess.DEVNULL),
             subprocess.Popen(
-                [sys.executable, "-m", "bench.plain_proxy", str(ports["plain"]), upstream, SECRET],
+                pinned(load_cpu, ["nginx", "-c", f"{tmp}/nginx.conf"]), stderr=subprocess.DEVNULL
+            ),
+            subprocess.Popen(
+                pinned(proxy_cpu, ["haproxy", "-f", f"{tmp}/haproxy.cfg"]),
+                stderr=subprocess.DEVNULL,
+            ),
+            subprocess.Popen(
+                pinned(
+                    proxy_cpu,
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.plain_proxy",
+                        str(ports["plain"]),
+                        upstream,
+                        SECRET,
+                    ],
+                ),
                 cwd=Path(__file__).parent.parent,
             ),
         ]
@@ -156,7 +186,13 @@ def main() -> None:
                 "routes": [{"prefix": "/", "upstream": upstream}],
             }
             Path(tmp, f"{name}.yaml").write_text(yaml.safe_dump(config))
-            procs.append(start(["run", "-c", f"{tmp}/{name}.yaml"], env={**os.environ}))
+            procs.append(
+                start(
+                    ["run", "-c", f"{tmp}/{name}.yaml"],
+                    cpus=proxy_cpu if workers == 1 else None,
+                    env={**os.environ},
+                )
+            )
         try:
             for port in ports.values():
                 wait_http(f"http://127.0.0.1:{port}/healthz")
@@ -164,7 +200,8 @@ def main() -> None:
                 _check_rejects_forgery(ports[name], token)
             names = [n for n in ports if not args.only or n in args.only]
             targets: dict[str, Callable[[int], dict[str, float]]] = {
-                name: partial(_measure, ports[name], token, args.connections) for name in names
+                name: partial(_measure, ports[name], token, args.connections, load_cpu)
+                for name in names
             }
             for run in targets.values():  # warm-up: pools filled, code paths hot
                 run(2)
@@ -180,6 +217,11 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
     report(results)
+    print(
+        f"pinned: contenders on CPU {PROXY_CPU} (workers: 2 unpinned), nginx and wrk on CPU {LOAD_CPU}"
+        if pin
+        else "not pinned to CPUs"
+    )
 
 
 LABELS = {

@@ -58,7 +58,9 @@ async def run(size_mib: int) -> None:
             "wechat": {"appid": "wxbench", "secret": "x", "fake": True},
             "token": {"secret": SECRET},
             "storage": {"url": f"sqlite:///{tmp}/rss.db"},
-            "routes": [{"prefix": "/", "upstream": f"http://127.0.0.1:{up_port}", "max_body": "2GiB"}],
+            "routes": [
+                {"prefix": "/", "upstream": f"http://127.0.0.1:{up_port}", "max_body": "2GiB"}
+            ],
         }
         Path(tmp, "rss.yaml").write_text(yaml.safe_dump(config))
         gateway = start(["run", "-c", f"{tmp}/rss.yaml"])
@@ -66,7 +68,9 @@ async def run(size_mib: int) -> None:
             await asyncio.to_thread(wait_http, f"http://127.0.0.1:{gw_port}/healthz")
             await asyncio.sleep(1)
             idle = rss_kib(gateway.pid)
-            token = TokenCodec(TokenConfig(secret=Secret(SECRET))).issue("o-rss", None, time.time())[0]
+            token = TokenCodec(TokenConfig(secret=Secret(SECRET))).issue(
+                "o-rss", None, time.time()
+            )[0]
             headers = {"Authorization": f"Bearer {token}"}
             base = f"http://127.0.0.1:{gw_port}"
 
@@ -92,8 +96,12 @@ async def run(size_mib: int) -> None:
     await runner.cleanup()
     assert received == got == size_mib << 20, (received, got)
     print(f"gateway RSS idle: {idle / 1024:.1f} MiB")
-    print(f"peak RSS after {size_mib} MiB upload (chunked): {peak_up / 1024:.1f} MiB, {size_mib / up_s:.0f} MiB/s")
-    print(f"peak RSS after {size_mib} MiB download: {peak_down / 1024:.1f} MiB, {size_mib / down_s:.0f} MiB/s")
+    print(
+        f"peak RSS after {size_mib} MiB upload (chunked): {peak_up / 1024:.1f} MiB, {size_mib / up_s:.0f} MiB/s"
+    )
+    print(
+        f"peak RSS after {size_mib} MiB download: {peak_down / 1024:.1f} MiB, {size_mib / down_s:.0f} MiB/s"
+    )
 
 
 def main() -> None:
