@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway import proxy
+from gateway.accesslog import AccessLog
 from gateway.auth import AuthEndpoints
 from gateway.config import Config
 from gateway.errors import (
@@ -77,6 +78,7 @@ class Gateway:
         )
         self.upstreams = proxy.UpstreamClient()
         self.metrics = Metrics()
+        self.access_log = AccessLog(config) if config.log.access else None
         self.auth = AuthEndpoints(config, self.services, self.identity, self.rules, self.router)
         self.draining = False
         # Own endpoints: exact normalised path -> method -> handler.
@@ -98,12 +100,15 @@ class Gateway:
 
     async def close(self) -> None:
         await self._stack.aclose()
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)
 
     # -- the request path -------------------------------------------------------
     def handle(self, request: Incoming) -> Awaitable[None] | None:
         """Decide everything that needs no I/O at once; return the rest as an
         awaitable (see :data:`gateway.http_server.Handler`)."""
         scope = Scope(request_id=request_id_from(request.headers))
+        request.request_id = scope.request_id
         request.started = time.perf_counter()
         try:
             pending = self._dispatch(request, scope)
@@ -169,6 +174,10 @@ class Gateway:
 
     def request_done(self, request: Incoming) -> None:
         self.metrics.observe(request.route, request.status, request.started)
+        if self.access_log is not None:
+            self.access_log.record(
+                request, request.request_id, self.rules.client_ip(request.headers, request.remote)
+            )
 
     def _dispatch(
         self, request: Incoming, scope: Scope
@@ -198,6 +207,8 @@ class Gateway:
         self, request: Incoming, scope: Scope, route: Route, path: NormalisedPath, query: str
     ) -> Awaitable[web.StreamResponse | None] | None:
         scope.identity = identity = self.identity.for_route(request.headers, route.auth)
+        if identity is not None:
+            request.openid = identity.openid
         if route.limiter is not None:
             # Keys are namespaced so an openid can never collide with an address.
             key = (

@@ -111,6 +111,7 @@ class AuthEndpoints:
             session.openid, session.unionid, session.session_key, services.clock()
         )
         token, claims = services.tokens.issue(user.openid, user.unionid, services.clock())
+        request.openid = user.openid
         return web.json_response(
             {
                 "token": token,
@@ -123,11 +124,13 @@ class AuthEndpoints:
 
     async def logout(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         who = self._identity.require(request.headers)
+        request.openid = who.openid
         await self._services.sessions.revoke(who.session_id, who.expires_at)
         return web.json_response({"ok": True})
 
     async def me(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         who = self._identity.require(request.headers)
+        request.openid = who.openid
         user = await self._services.storage.get_user(who.openid)
         return web.json_response(
             {
@@ -139,6 +142,7 @@ class AuthEndpoints:
 
     async def phone(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         who = self._identity.require(request.headers)
+        request.openid = who.openid
         body = await read_json_object(request)
         if "code" in body:
             code = string_field(body, "code", MAX_CODE_LENGTH)
@@ -157,6 +161,7 @@ class AuthEndpoints:
 
     async def decrypt(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         who = self._identity.require(request.headers)
+        request.openid = who.openid
         data = await self._decrypt(who, await read_json_object(request))
         return web.json_response({"data": data})
 
@@ -180,6 +185,7 @@ class AuthEndpoints:
             if route is not None:
                 policy = route.auth
         who = self._identity.for_route(request.headers, policy)
+        request.openid = who.openid if who is not None else None
         if who is None:
             return web.json_response({"openid": None, "unionid": None})
         headers = {self._rules.openid_header: who.openid}

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _load(args.config)
         if config is None:
             return 2
+        logging.getLogger().setLevel(config.log.level.upper())
         from gateway import server
 
         workers = args.workers or config.server.workers

@@ -41,7 +41,6 @@ log = logging.getLogger("gateway.server")
 READ_LIMIT = 2**16
 MAX_LINE = 8190  # request line and each header line, as aiohttp's server
 MAX_HEADERS = 128
-KEEPALIVE_TIMEOUT = 75.0
 # Pipelined requests parsed ahead of the one being served; past this the socket
 # is not read until the queue drains (a client cannot make us buffer without end).
 MAX_QUEUED = 32
@@ -94,13 +93,17 @@ class Incoming:
         "message",
         "method",
         "on_lost",
+        "openid",
         "protocol",
         "raw_path",
         "remote",
+        "request_id",
         "responded",
         "route",
+        "sent",
         "started",
         "status",
+        "upstream",
         "version",
     )
     scheme = "http"
@@ -120,6 +123,11 @@ class Incoming:
         self.status = 0
         self.started = 0.0
         self.route: str | None = None  # the matched route's prefix, for metrics
+        # For the access log: who asked, which target answered, body bytes sent.
+        self.request_id = ""
+        self.openid: str | None = None
+        self.upstream: str | None = None
+        self.sent = 0
         # Called if the client goes away while the answer is pending.
         self.on_lost: Callable[[], None] | None = None
 
@@ -167,7 +175,11 @@ class Incoming:
         head = self._head(status, reason, lines, framing, own)
         transport = self.protocol.transport
         if transport is not None:
-            transport.write(head if bodyless else head + body)
+            if bodyless:
+                transport.write(head)
+            else:
+                transport.write(head + body)
+                self.sent = len(body)
 
     def send_response(self, response: web.StreamResponse) -> None:
         """Serialise an aiohttp ``Response`` (the gateway's own JSON answers)."""
@@ -204,6 +216,7 @@ class Incoming:
     async def write(self, chunk: bytes) -> None:
         if not chunk or self.method == "HEAD":
             return
+        self.sent += len(chunk)
         if self.protocol.chunked:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
         await self.protocol.write(chunk)
@@ -281,7 +294,12 @@ class HttpProtocol(BaseProtocol):
         self._stop_reading = False
         self._eof = False
         self._idle_since = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        # Set while part of a request head has arrived (or, on a new connection,
+        # since it opened): the client has server.header_timeout to finish it.
+        self._head_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         # Set while a proxied exchange waits on its upstream: a client that hangs
         # up then cancels the exchange instead of leaving it to the route timeout.
         self.cancel_on_lost = False
@@ -293,8 +311,18 @@ class HttpProtocol(BaseProtocol):
         self.sockname = transport.get_extra_info("sockname")
         if isinstance(self.peername, tuple | list) and self.peername:
             self.remote = str(self.peername[0])
+        if len(self.server.connections) >= self.server.max_connections:
+            # Over the cap the connection is closed at once, before reading a
+            # byte: the client sees a refused connection, the worker stays responsive.
+            log.warning("server.max_connections (%d) reached", self.server.max_connections)
+            self._closed = True
+            transport.close()
+            return
         self.server.connections.add(self)
-        self._arm_idle()
+        now = self.loop.time()
+        self._idle_since = self._last_read = now
+        self._head_since = now
+        self._arm(now + self.server.header_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._ws_parser is not None:
@@ -308,6 +336,7 @@ class HttpProtocol(BaseProtocol):
         if self._stop_reading:
             return
         assert self._parser is not None
+        self._last_read = now = self.loop.time()
         messages: Any
         try:
             messages, upgraded, tail = self._parser.feed_data(data)
@@ -318,7 +347,13 @@ class HttpProtocol(BaseProtocol):
         if upgraded:
             self._upgraded = True
             self._tail = tail
-        if messages:
+        if not messages:
+            if self._head_since is None and self._current is None and not self._queue and data:
+                # A request head has started to arrive (slowloris clients stop here).
+                self._head_since = now
+                self._arm(now + self.server.header_timeout)
+        else:
+            self._head_since = None
             self._queue.extend(messages)
             if len(self._queue) >= MAX_QUEUED and not self._buffer_paused:
                 self._pause_reading_for_buffer()
@@ -349,9 +384,9 @@ class HttpProtocol(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self.server.connections.discard(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._ws_parser is not None:
             self._ws_parser.feed_eof()
         self._fail_payloads(ConnectionResetError("the client closed the connection"))
@@ -412,6 +447,9 @@ class HttpProtocol(BaseProtocol):
                 request = Incoming(self, message, payload)
                 self._current = request
                 self.busy = True
+                if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                    # The rest of the body must keep coming (server.body_timeout).
+                    self._arm(self._last_read + self.server.body_timeout)
                 try:
                     pending = self.server.handler(request)
                 except Exception:
@@ -422,7 +460,8 @@ class HttpProtocol(BaseProtocol):
                     self.run_pending(request, pending)
             if self._current is None:
                 self.busy = False
-                self._idle_since = self.loop.time()
+                self._idle_since = now = self.loop.time()
+                self._arm(now + self.server.idle_timeout)
                 if self._eof or self._stop_reading or self.server.draining:
                     self.close()
         finally:
@@ -493,24 +532,48 @@ class HttpProtocol(BaseProtocol):
             % (status, _reason(status).encode(), b"".join(lines), len(body), body)
         )
 
-    # -- idle keep-alive connections ------------------------------------------------------
-    def _arm_idle(self) -> None:
-        self._idle_since = self.loop.time()
-        self._idle_timer = self.loop.call_at(
-            self._idle_since + self.server.keepalive_timeout, self._check_idle
-        )
+    # -- client timeouts ---------------------------------------------------------------
+    # One timer per connection, moved only when a deadline comes earlier than the
+    # armed one: no timer churn per request on a busy keep-alive connection.
+    def _arm(self, when: float) -> None:
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= when:
+                return
+            timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._check_timers)
 
-    def _check_idle(self) -> None:
-        # One timer per connection, re-armed lazily: no timer churn per request.
-        self._idle_timer = None
-        if self.transport is None:
+    def _check_timers(self) -> None:
+        self._timer = None
+        if self.transport is None or self._closed:
             return
-        deadline = self._idle_since + self.server.keepalive_timeout
-        if not self.busy and not self._queue and self.loop.time() >= deadline:
-            self.transport.close()
-            return
-        next_check = max(deadline, self.loop.time() + 1.0)
-        self._idle_timer = self.loop.call_at(next_check, self._check_idle)
+        server = self.server
+        now = self.loop.time()
+        current = self._current
+        if self._head_since is not None:
+            deadline = self._head_since + server.header_timeout
+            if now >= deadline:
+                log.debug("closing a connection: no complete request head in time")
+                self.close()
+                return
+        elif current is None and not self._queue:
+            deadline = self._idle_since + server.idle_timeout
+            if now >= deadline:
+                self.close()
+                return
+        elif current is not None and not current.content.is_eof() and not self._reading_paused:
+            # A body is expected and we are reading: the client must keep sending.
+            deadline = self._last_read + server.body_timeout
+            if now >= deadline:
+                current.content.set_exception(
+                    RequestPayloadError("the client stopped sending the request body")
+                )
+                self.close()
+                return
+        else:
+            deadline = now + 1.0  # busy on the gateway's side: look again later
+        self._arm(max(deadline, now + 0.01))
 
     def close_if_idle(self) -> bool:
         if not self.busy and not self._queue:
@@ -527,12 +590,18 @@ class HttpServer:
         handler: Handler,
         *,
         on_done: Callable[[Incoming], None] | None = None,
-        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        idle_timeout: float = 75.0,
+        header_timeout: float = 10.0,
+        body_timeout: float = 60.0,
+        max_connections: int = 10_000,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.handler = handler
         self.on_done = on_done or (lambda request: None)
-        self.keepalive_timeout = keepalive_timeout
+        self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = max_connections
         self.loop = loop or asyncio.get_running_loop()
         self.connections: set[HttpProtocol] = set()
         self.draining = False

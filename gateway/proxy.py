@@ -137,6 +137,7 @@ async def _open(
     path_qs = path + "?" + query if query else path
     timed_out = False
     for target in candidates or route.balancer.candidates():
+        request.upstream = target.url
         head = build_head(
             request.method, target.base_path + path_qs, target.host_header, headers, chunked
         )
@@ -235,6 +236,7 @@ class _FastExchange:
         head = build_head(
             request.method, target.base_path + path_qs, target.host_header, self.headers, False
         )
+        request.upstream = target.url
         conn.begin(request.method, self.route.timeout, self._on_head, timing=True)
         request.on_lost = self._on_client_lost
         assert conn.transport is not None

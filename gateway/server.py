@@ -40,7 +40,15 @@ class Listener:
     async def start(self) -> None:
         await self.gateway.start()
         try:
-            self._http = HttpServer(self.gateway.handle, on_done=self.gateway.request_done)
+            server = self.config.server
+            self._http = HttpServer(
+                self.gateway.handle,
+                on_done=self.gateway.request_done,
+                idle_timeout=server.idle_timeout,
+                header_timeout=server.header_timeout,
+                body_timeout=server.body_timeout,
+                max_connections=server.max_connections,
+            )
             self._server = await asyncio.get_running_loop().create_server(
                 self._http,
                 self.config.server.host,

@@ -43,6 +43,9 @@ def base_config(
         "token": {"secret": TOKEN_SECRET},
         "storage": {"url": f"sqlite:///{tmp_path}/gateway.db"},
         "rate_limits": {"login_per_ip": 0},
+        # The access log has its own tests (tests/test_access_log.py); elsewhere it
+        # would only interleave JSON lines with pytest's output.
+        "log": {"access": False},
         "routes": [
             {"prefix": "/api/", "upstream": upstream_url, "auth": "required", "websocket": True},
             {"prefix": "/opt/", "upstream": upstream_url, "auth": "optional"},

@@ -19,6 +19,7 @@ SECTIONS = {
     "identity": model.IdentityConfig,
     "rate_limits": model.RateLimitsConfig,
     "routes": model.RouteConfig,
+    "log": model.LogConfig,
 }
 YAML_NAMES = {"upstreams": "upstream"}
 

@@ -257,6 +257,26 @@ def _auth(value: Any) -> m.AuthPolicy:
     return cast(m.AuthPolicy, value)
 
 
+def _one_of(*choices: str) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _log(raw: Any, errors: list[str]) -> m.LogConfig:
+    s = _Section(raw, "log", errors)
+    cfg = m.LogConfig(
+        level=s.get("level", _one_of("debug", "info", "warning", "error"), "info"),
+        access=s.get("access", _bool, True),
+        openid=s.get("openid", _one_of("hash", "clear", "omit"), "hash"),
+    )
+    s.finish()
+    return cfg
+
+
 def _storage_url(value: Any) -> str:
     text = _nonempty(value).strip()
     if not text.startswith("sqlite://"):
@@ -297,6 +317,12 @@ def _server(raw: Any, errors: list[str]) -> m.ServerConfig:
         max_body=s.get("max_body", parse_size, m.DEFAULT_MAX_BODY),
         trusted_proxies=s.get("trusted_proxies", _list_of(_cidr), ()),
         shutdown_grace=s.get("shutdown_grace", parse_duration, m.DEFAULT_SHUTDOWN_GRACE),
+        max_connections=s.get(
+            "max_connections", _int_range(1, 1_000_000), m.DEFAULT_MAX_CONNECTIONS
+        ),
+        header_timeout=s.get("header_timeout", _positive_duration, m.DEFAULT_HEADER_TIMEOUT),
+        body_timeout=s.get("body_timeout", _positive_duration, m.DEFAULT_BODY_TIMEOUT),
+        idle_timeout=s.get("idle_timeout", _positive_duration, m.DEFAULT_IDLE_TIMEOUT),
     )
     s.finish()
     return cfg
@@ -414,11 +440,12 @@ def build_config(raw: Any, env: Mapping[str, str] | None = None) -> m.Config:
     )
     limits_section.finish()
     identity = _identity(raw.get("identity"), errors)
-    top.known += ["storage", "rate_limits", "identity"]
+    log = _log(raw.get("log"), errors)
+    top.known += ["storage", "rate_limits", "identity", "log"]
     no_routes: tuple[m.RouteConfig, ...] = ()
     routes = top.get("routes", lambda v: _routes(v, server.max_body, errors), no_routes)
     top.finish()
-    cfg = m.Config(server, wechat, token, storage, identity, limits, routes)
+    cfg = m.Config(server, wechat, token, storage, identity, limits, routes, log)
     if not errors:
         _cross_checks(cfg, errors)
     if errors:

@@ -15,6 +15,10 @@ from gateway.config.units import Rate
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AuthPolicy = Literal["required", "optional", "public"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+# How the caller's openid appears in the access log: a keyed hash (default),
+# in clear, or not at all.
+OpenIdInLog = Literal["hash", "clear", "omit"]
 
 # Defaults, named so the docs and the loader agree on one value each.
 DEFAULT_HOST = "0.0.0.0"
@@ -32,6 +36,10 @@ DEFAULT_OPENID_HEADER = "X-OpenId"
 DEFAULT_UNIONID_HEADER = "X-UnionId"
 DEFAULT_LOGIN_RATE = Rate(20, 1.0)
 DEFAULT_ROUTE_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 60.0
+DEFAULT_IDLE_TIMEOUT = 75.0
 MIN_TOKEN_SECRET_BYTES = 32
 
 
@@ -69,6 +77,12 @@ class ServerConfig:
     max_body: int = DEFAULT_MAX_BODY
     trusted_proxies: tuple[IPNetwork, ...] = ()
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    # Beyond the contract (docs/configuration.md): per-worker connection cap and
+    # client timeouts, as HAProxy's maxconn / timeout http-request / client.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +121,13 @@ class RateLimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: LogLevel = "info"
+    access: bool = True
+    openid: OpenIdInLog = "hash"
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     prefix: str
     upstreams: tuple[str, ...]
@@ -127,3 +148,4 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     routes: tuple[RouteConfig, ...] = ()
+    log: LogConfig = field(default_factory=LogConfig)
