@@ -81,6 +81,7 @@ class Gateway:
         self.access_log = AccessLog(config) if config.log.access else None
         self.auth = AuthEndpoints(config, self.services, self.identity, self.rules, self.router)
         self.draining = False
+        self.inflight = 0  # requests handled and not yet finished (a reload waits on them)
         # Own endpoints: exact normalised path -> method -> handler.
         self.endpoints: dict[str, dict[str, Handler]] = {
             "/healthz": {"GET": self.healthz, "HEAD": self.healthz},
@@ -109,6 +110,8 @@ class Gateway:
         awaitable (see :data:`gateway.http_server.Handler`)."""
         scope = Scope(request_id=request_id_from(request.headers))
         request.request_id = scope.request_id
+        request.owner = self
+        self.inflight += 1
         request.started = time.perf_counter()
         try:
             pending = self._dispatch(request, scope)
@@ -173,6 +176,7 @@ class Gateway:
         return json_error(500, "internal_error", "Internal error.", request_id=scope.request_id)
 
     def request_done(self, request: Incoming) -> None:
+        self.inflight -= 1
         self.metrics.observe(request.route, request.status, request.started)
         if self.access_log is not None:
             self.access_log.record(

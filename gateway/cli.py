@@ -90,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
 
         workers = args.workers or config.server.workers
         if args.worker_of is not None:
-            return server.run_worker(config, reuse_port=True, parent_pid=args.worker_of)
+            return server.run_worker(
+                config, reuse_port=True, parent_pid=args.worker_of, config_path=args.config
+            )
         _warn_insecure(config)
         if workers <= 1:
-            return server.run_worker(config)
+            return server.run_worker(config, config_path=args.config)
         supervisor = server.Supervisor(
             server.worker_argv(args.config), workers, config.server.shutdown_grace
         )

@@ -94,6 +94,7 @@ class Incoming:
         "method",
         "on_lost",
         "openid",
+        "owner",
         "protocol",
         "raw_path",
         "remote",
@@ -125,6 +126,7 @@ class Incoming:
         self.route: str | None = None  # the matched route's prefix, for metrics
         # For the access log: who asked, which target answered, body bytes sent.
         self.request_id = ""
+        self.owner: Any = None  # the gateway serving it (a reload may swap gateways)
         self.openid: str | None = None
         self.upstream: str | None = None
         self.sent = 0
@@ -152,6 +154,8 @@ class Incoming:
     ) -> bytes:
         self.responded = True
         self.status = status
+        if self.protocol.server.draining:
+            self.keep_alive = False  # the client is told before the connection closes
         if not self.keep_alive:
             connection = b"Connection: close\r\n"
         elif self.version.minor == 0:

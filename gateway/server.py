@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -16,12 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.app import Gateway
-from gateway.config import Config
-from gateway.http_server import HttpServer
+from gateway.config import Config, ConfigError, load_config
+from gateway.http_server import HttpServer, Incoming
 
 log = logging.getLogger("gateway")
 
@@ -29,26 +30,24 @@ log = logging.getLogger("gateway")
 class Listener:
     """One worker's gateway and HTTP server; tests start exactly what ``run`` starts."""
 
-    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, reuse_port: bool = False, config_path: str | None = None
+    ) -> None:
         self.config = config
         self.gateway = Gateway(config)
         self._reuse_port = reuse_port
+        self._config_path = config_path
         self._server: asyncio.Server | None = None
         self._http: HttpServer | None = None
+        self._reloading = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
         self.port: int = config.server.port
 
     async def start(self) -> None:
         await self.gateway.start()
         try:
-            server = self.config.server
-            self._http = HttpServer(
-                self.gateway.handle,
-                on_done=self.gateway.request_done,
-                idle_timeout=server.idle_timeout,
-                header_timeout=server.header_timeout,
-                body_timeout=server.body_timeout,
-                max_connections=server.max_connections,
-            )
+            self._http = HttpServer(self._handle, on_done=_request_done)
+            self._apply_server_limits()
             self._server = await asyncio.get_running_loop().create_server(
                 self._http,
                 self.config.server.host,
@@ -63,6 +62,82 @@ class Listener:
             self.port = sock.getsockname()[1]
             break
 
+    def _handle(self, request: Incoming) -> Awaitable[None] | None:
+        # Looked up per request: a reload swaps the gateway under live connections.
+        return self.gateway.handle(request)
+
+    def _apply_server_limits(self) -> None:
+        assert self._http is not None
+        server = self.config.server
+        self._http.idle_timeout = server.idle_timeout
+        self._http.header_timeout = server.header_timeout
+        self._http.body_timeout = server.body_timeout
+        self._http.max_connections = server.max_connections
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it without dropping a connection.
+
+        The new configuration gets a new gateway (routes, keys, policies,
+        storage, logs); requests already under way finish on the old one, which
+        is closed once they have. An invalid file changes nothing: every problem
+        is logged. The listening socket stays: ``server.host``, ``port`` and
+        ``workers`` need a restart.
+        """
+        if self._config_path is None:
+            log.warning("reload: no config file to re-read")
+            return False
+        async with self._reloading:
+            try:
+                new = load_config(self._config_path)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("reload: %s", problem)
+                log.error("reload refused; the running configuration is kept")
+                return False
+            old = self.config
+            kept = [
+                k
+                for k in ("host", "port", "workers")
+                if getattr(new.server, k) != getattr(old.server, k)
+            ]
+            if kept:
+                log.warning(
+                    "reload: server.%s cannot change without a restart; kept",
+                    ", server.".join(kept),
+                )
+                new = dataclasses.replace(
+                    new,
+                    server=dataclasses.replace(
+                        new.server,
+                        host=old.server.host,
+                        port=old.server.port,
+                        workers=old.server.workers,
+                    ),
+                )
+            gateway = Gateway(new)
+            try:
+                await gateway.start()
+            except Exception as exc:
+                log.error("reload refused (%s); the running configuration is kept", exc)
+                await gateway.close()
+                return False
+            retired, self.gateway, self.config = self.gateway, gateway, new
+            self._apply_server_limits()
+            logging.getLogger().setLevel(new.log.level.upper())
+            task = asyncio.create_task(self._retire(retired))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            log.info("configuration reloaded from %s (pid %s)", self._config_path, os.getpid())
+            return True
+
+    async def _retire(self, gateway: Gateway) -> None:
+        deadline = asyncio.get_running_loop().time() + self.config.server.shutdown_grace
+        # Polled: requests end in callbacks all over the fast lane, and a counter
+        # read every 50 ms costs less than an event set per request.
+        while gateway.inflight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await gateway.close()
+
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_grace), close."""
         self.gateway.draining = True
@@ -73,17 +148,40 @@ class Listener:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        for task in list(self._retiring):
+            await task
         await self.gateway.close()
 
 
-async def serve(config: Config, *, reuse_port: bool = False, parent_pid: int | None = None) -> None:
-    """Run one worker until SIGTERM/SIGINT (or until its supervisor is gone)."""
+def _request_done(request: Incoming) -> None:
+    # The gateway that handled the request, which may have been retired since.
+    if request.owner is not None:
+        request.owner.request_done(request)
+
+
+async def serve(
+    config: Config,
+    *,
+    reuse_port: bool = False,
+    parent_pid: int | None = None,
+    config_path: str | None = None,
+) -> None:
+    """Run one worker until SIGTERM/SIGINT (or until its supervisor is gone);
+    SIGHUP re-reads the configuration."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    listener = Listener(config, reuse_port=reuse_port)
+    listener = Listener(config, reuse_port=reuse_port, config_path=config_path)
     await listener.start()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(listener.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     # Everything allocated so far lives as long as the worker: moved out of the
     # collector's sight, a full collection no longer walks it (shorter pauses,
     # which show in the p99), and young collections run less often.
@@ -101,8 +199,11 @@ async def serve(config: Config, *, reuse_port: bool = False, parent_pid: int | N
         await stop.wait()
         log.info("shutting down (pid %s)", os.getpid())
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
         if watchdog is not None:
             watchdog.cancel()
+        for task in list(reloads):
+            await task
         await listener.stop()
 
 
@@ -124,9 +225,17 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_worker(config: Config, *, reuse_port: bool = False, parent_pid: int | None = None) -> int:
+def run_worker(
+    config: Config,
+    *,
+    reuse_port: bool = False,
+    parent_pid: int | None = None,
+    config_path: str | None = None,
+) -> int:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve(config, reuse_port=reuse_port, parent_pid=parent_pid))
+        runner.run(
+            serve(config, reuse_port=reuse_port, parent_pid=parent_pid, config_path=config_path)
+        )
     return 0
 
 
