@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import proxy
 from gateway.accesslog import AccessLog
@@ -42,6 +44,8 @@ from gateway.errors import (
 from gateway.headers import HeaderRules, request_id_from
 from gateway.http_server import Incoming
 from gateway.identity import Identity, IdentityResolver
+from gateway.metrics import DIR_ENV as METRICS_DIR_ENV
+from gateway.metrics import SAVE_EVERY as METRICS_SAVE_EVERY
 from gateway.metrics import Metrics
 from gateway.paths import BadPath, NormalisedPath, normalise, split_target
 from gateway.routing import Route, Router
@@ -54,6 +58,8 @@ Handler = Callable[[Incoming, "Scope"], Awaitable[web.StreamResponse]]
 # Methods no reverse proxy should relay: CONNECT opens tunnels, TRACE echoes
 # credentials back (cross-site tracing).
 _REFUSED_METHODS = ("CONNECT", "TRACE")
+# Error codes counted as upstream failures (plus a body cut mid-way).
+_UPSTREAM_ERRORS = frozenset({"upstream_unavailable", "upstream_timeout", "upstream_mid_body"})
 
 
 @dataclass(slots=True)
@@ -72,12 +78,12 @@ class Gateway:
         self.clock = clock
         self.router = Router(config.routes, config.server.max_body)
         self.rules = HeaderRules(config)
-        self.services = Services(config, clock=clock)
+        self.metrics = Metrics(os.environ.get(METRICS_DIR_ENV))
+        self.services = Services(config, clock=clock, metrics=self.metrics)
         self.identity = IdentityResolver(
             config, self.services.tokens, self.services.sessions, clock
         )
         self.upstreams = proxy.UpstreamClient()
-        self.metrics = Metrics()
         self.access_log = AccessLog(config) if config.log.access else None
         self.auth = AuthEndpoints(config, self.services, self.identity, self.rules, self.router)
         self.draining = False
@@ -98,6 +104,16 @@ class Gateway:
         self._stack.push_async_callback(self.services.close)
         await self.upstreams.start()
         self._stack.push_async_callback(self.upstreams.close)
+        saver = asyncio.create_task(self._save_metrics())
+        self._stack.callback(self.metrics.save)
+        self._stack.callback(saver.cancel)
+
+    async def _save_metrics(self) -> None:
+        # The other workers' /metrics read this worker's counts from its file.
+        if os.environ.get(METRICS_DIR_ENV):
+            while True:
+                await asyncio.sleep(METRICS_SAVE_EVERY)
+                self.metrics.save()
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -162,6 +178,9 @@ class Gateway:
 
     def _error(self, request: Incoming, scope: Scope, exc: Exception) -> web.Response:
         if isinstance(exc, GatewayError):
+            request.error = exc.code
+            errcode = exc.extra.get("wechat_errcode")
+            request.errcode = errcode if isinstance(errcode, int) else None
             return error_response(exc, scope.request_id)
         if isinstance(exc, StorageError):
             # Busy past its retries, read-only, gone: the client may retry later.
@@ -177,7 +196,14 @@ class Gateway:
 
     def request_done(self, request: Incoming) -> None:
         self.inflight -= 1
-        self.metrics.observe(request.route, request.status, request.started)
+        metrics = self.metrics
+        metrics.observe(request.route, request.status, request.started)
+        error = request.error
+        if error is not None and request.route is not None and error in _UPSTREAM_ERRORS:
+            metrics.upstream_errors[(request.route, error)] += 1
+        elif request.endpoint == "/auth/login":
+            errcode = "" if request.errcode is None else str(request.errcode)
+            metrics.logins[(error or "ok", errcode)] += 1
         if self.access_log is not None:
             self.access_log.record(
                 request, request.request_id, self.rules.client_ip(request.headers, request.remote)
@@ -193,6 +219,7 @@ class Gateway:
             raise BadRequest(f"Bad path: {exc}.") from None
         own = self.endpoints.get(path.match)
         if own is not None:
+            request.endpoint = path.match
             handler = own.get(request.method)
             if handler is None:
                 raise MethodNotAllowed(tuple(own))
@@ -279,7 +306,8 @@ class Gateway:
         return web.json_response({"status": "ready"})
 
     async def metrics_endpoint(self, request: Incoming, scope: Scope) -> web.StreamResponse:
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8")
+        body = await asyncio.to_thread(self.metrics.render)  # reads the other workers' files
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 __all__ = ["Gateway", "Scope", "TokenMissing"]

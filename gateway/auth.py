@@ -126,6 +126,7 @@ class AuthEndpoints:
         who = self._identity.require(request.headers)
         request.openid = who.openid
         await self._services.sessions.revoke(who.session_id, who.expires_at)
+        self._services.metrics.revocations += 1
         return web.json_response({"ok": True})
 
     async def me(self, request: Incoming, scope: Scope) -> web.StreamResponse:

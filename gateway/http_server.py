@@ -87,6 +87,9 @@ class Incoming:
 
     __slots__ = (
         "content",
+        "endpoint",
+        "errcode",
+        "error",
         "finished",
         "headers",
         "keep_alive",
@@ -124,6 +127,9 @@ class Incoming:
         self.status = 0
         self.started = 0.0
         self.route: str | None = None  # the matched route's prefix, for metrics
+        self.endpoint: str | None = None  # or the own endpoint's path
+        self.error: str | None = None  # the error code answered, if any
+        self.errcode: int | None = None  # and the WeChat errcode behind it
         # For the access log: who asked, which target answered, body bytes sent.
         self.request_id = ""
         self.owner: Any = None  # the gateway serving it (a reload may swap gateways)

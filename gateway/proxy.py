@@ -346,6 +346,7 @@ async def _stream(
             # The head is already sent: the only honest signal left is to cut the
             # connection so the client sees a truncated response, not a complete one.
             log.warning("upstream failed mid-body; closing the client connection")
+            request.error = "upstream_mid_body"
             request.abort()
             return
         await request.end_stream()

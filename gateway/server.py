@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from typing import Any
 from gateway.app import Gateway
 from gateway.config import Config, ConfigError, load_config
 from gateway.http_server import HttpServer, Incoming
+from gateway.metrics import DIR_ENV as METRICS_DIR_ENV
+from gateway.metrics import shared_directory
 
 log = logging.getLogger("gateway")
 
@@ -253,9 +256,11 @@ class Supervisor:
         self._restarts: list[float] = []
         self._stopping = False
         self._pending: list[int] = []
+        # Each worker saves its counters here; /metrics on any worker adds them up.
+        self._metrics_dir = shared_directory()
 
     def _spawn(self, slot: int) -> None:
-        env = {**os.environ, "WX_GATEWAY_WORKER": str(slot)}
+        env = {**os.environ, "WX_GATEWAY_WORKER": str(slot), METRICS_DIR_ENV: self._metrics_dir}
         argv = [*self._argv, "--worker-of", str(os.getpid())]
         self._procs[slot] = subprocess.Popen(argv, env=env)  # noqa: S603 - our own argv
 
@@ -284,7 +289,10 @@ class Supervisor:
                     self._spawn(slot)
             time.sleep(0.1)
         self._forward_signals()
-        return self._wait_all()
+        try:
+            return self._wait_all()
+        finally:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def _forward_signals(self) -> None:
         while self._pending:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.errors import NotReady
+from gateway.metrics import Metrics
 from gateway.sessions import Revocations
 from gateway.storage import Storage, StorageError
 from gateway.storage.sqlite import SQLiteStorage, sqlite_path_from_url
@@ -33,17 +34,24 @@ def open_storage(url: str) -> Storage:
 
 
 class Services:
-    def __init__(self, config: Config, *, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, config: Config, *, clock: Callable[[], float], metrics: Metrics | None = None
+    ) -> None:
         self.config = config
         self.clock = clock
+        self.metrics = metrics or Metrics()
         self.tokens = TokenCodec(config.token)
         self.storage = open_storage(config.storage.url)
         # Revoked ids are kept locally a bit longer than any token can live.
         retain = 2 * (config.token.ttl + config.token.leeway) + 60
         self.sessions = Revocations(self.storage, clock, retain=retain)
-        self.wechat = WechatClient(config.wechat)
+        self.wechat = WechatClient(config.wechat, observe=self.metrics.wechat_call)
         self.access_tokens = AccessTokens(
-            self.wechat, self.storage, clock, lease_ttl=config.wechat.timeout + 1.0
+            self.wechat,
+            self.storage,
+            clock,
+            lease_ttl=config.wechat.timeout + 1.0,
+            on_fetch=self._count_fetch,
         )
         self._stack = contextlib.AsyncExitStack()
 
@@ -78,6 +86,9 @@ class Services:
         sock.bind(("127.0.0.1", 0))
         await web.SockSite(runner, sock).start()
         self.wechat.api_base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def _count_fetch(self, reason: str) -> None:
+        self.metrics.token_fetches[reason] += 1
 
     async def close(self) -> None:
         await self._stack.aclose()

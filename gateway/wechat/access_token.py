@@ -33,8 +33,10 @@ class AccessTokens:
         clock: Callable[[], float],
         *,
         lease_ttl: float,
+        on_fetch: Callable[[str], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_fetch = on_fetch  # called with "refresh" (rejected token) or "expired"
         self._storage = storage
         self._clock = clock
         self._lease_ttl = lease_ttl
@@ -78,6 +80,8 @@ class AccessTokens:
 
     async def _fetch(self, *, force: bool) -> str:
         self.fetches += 1
+        if self._on_fetch is not None:
+            self._on_fetch("refresh" if force else "expired")
         token, expires_in = await self._client.stable_token(force_refresh=force)
         margin = min(MAX_MARGIN, expires_in / 10)
         entry = AccessToken(token, self._clock() + expires_in - margin)

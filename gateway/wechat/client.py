@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,8 +103,15 @@ def phone_info_from(data: dict[str, Any]) -> PhoneInfo:
 
 
 class WechatClient:
-    def __init__(self, config: WechatConfig, api_base: str | None = None) -> None:
+    def __init__(
+        self,
+        config: WechatConfig,
+        api_base: str | None = None,
+        observe: Callable[[str, float, str], None] | None = None,
+    ) -> None:
         self._config = config
+        # observe(api path, seconds, outcome): "ok", "timeout", "error" or "errcode".
+        self._observe = observe
         self.api_base = (api_base or config.api_base).rstrip("/")
         self._session: aiohttp.ClientSession | None = None
 
@@ -128,6 +137,33 @@ class WechatClient:
     ) -> dict[str, Any]:
         """One WeChat call, never retried here; transport faults become
         WechatTimeout / WechatError, errcodes are raised by raise_for_errcode."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            payload = await self._call(method, path, params, body, uses_access_token)
+            outcome = "ok"
+            return payload
+        except WechatTimeout:
+            outcome = "timeout"
+            raise
+        except AccessTokenRejected:
+            outcome = "errcode"
+            raise
+        except GatewayError as exc:
+            outcome = "errcode" if "wechat_errcode" in exc.extra else "error"
+            raise
+        finally:
+            if self._observe is not None:
+                self._observe(path, time.perf_counter() - started, outcome)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        body: dict[str, Any] | None,
+        uses_access_token: bool,
+    ) -> dict[str, Any]:
         assert self._session is not None, "WechatClient.start() was not awaited"
         url = self.api_base + path
         try:
