@@ -283,17 +283,10 @@ class Gateway:
             # The checks passed: let the client send its body (the upstream never
             # sees Expect; the gateway answers it).
             request.send_continue()
-        return proxy.forward(
-            self.upstreams,
-            self.rules,
-            request,
-            route,
-            upstream_path,
-            query,
-            lines,
-            scope.request_id,
-            lambda exc: self._answer(request, scope, None, exc),
+        fwd = proxy.Forwarding(
+            self.upstreams, self.rules, route, upstream_path, query, lines, scope.request_id
         )
+        return proxy.forward(fwd, request, lambda exc: self._answer(request, scope, None, exc))
 
     # -- own endpoints -----------------------------------------------------------
     async def healthz(self, request: Incoming, scope: Scope) -> web.StreamResponse:

@@ -117,31 +117,44 @@ def _url(target: Target, path: str, query: str, scheme: str | None = None) -> UR
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """What the gateway decided for one proxied request, before any I/O."""
+
+    client: UpstreamClient
+    rules: HeaderRules
+    route: Route
+    path: str  # normalised, as forwarded (after strip_prefix)
+    query: str
+    headers: list[bytes]  # the upstream request's header lines
+    request_id: str
+
+    def head(self, method: str, target: Target, chunked: bool) -> bytes:
+        path_qs = self.path + "?" + self.query if self.query else self.path
+        return build_head(
+            method, target.base_path + path_qs, target.host_header, self.headers, chunked
+        )
+
+
 async def _open(
-    client: UpstreamClient,
+    fwd: Forwarding,
     request: Incoming,
-    route: Route,
-    path: str,
-    query: str,
-    headers: list[bytes],
     state: _BodyState,
     candidates: list[Target] | None = None,
 ) -> UpstreamResponse:
     """Send the request to the first target that accepts a connection."""
+    route = fwd.route
     body = None
     chunked = False
     if request.body_exists:
         body = _limited_body(request.content, route.max_body, state)
         # A client's chunked body goes upstream chunked; a Content-Length is kept.
         chunked = request.content_length is None
-    path_qs = path + "?" + query if query else path
     timed_out = False
     for target in candidates or route.balancer.candidates():
         request.upstream = target.url
-        head = build_head(
-            request.method, target.base_path + path_qs, target.host_header, headers, chunked
-        )
-        pool = client.pools.get(target.scheme, target.host, target.port)
+        head = fwd.head(request.method, target, chunked)
+        pool = fwd.client.pools.get(target.scheme, target.host, target.port)
         try:
             return await pool.request(request.method, head, body, chunked, route.timeout)
         except ConnectFailed as exc:
@@ -158,15 +171,7 @@ async def _open(
 
 
 def forward(
-    client: UpstreamClient,
-    rules: HeaderRules,
-    request: Incoming,
-    route: Route,
-    path: str,
-    query: str,
-    headers: list[bytes],
-    request_id: str,
-    fail: Callable[[Exception], None],
+    fwd: Forwarding, request: Incoming, fail: Callable[[Exception], None]
 ) -> Awaitable[None] | None:
     """Forward ``request``: on the fast lane when it can, else as a coroutine.
 
@@ -176,68 +181,38 @@ def forward(
     body over to a task). Everything else (bodies, new connections, retries)
     takes the coroutine path, :func:`proxy_http`.
     """
-    candidates = route.balancer.candidates()
+    candidates = fwd.route.balancer.candidates()
     if not request.body_exists:
         target = candidates[0]
-        conn = client.pools.get(target.scheme, target.host, target.port).take_idle()
+        conn = fwd.client.pools.get(target.scheme, target.host, target.port).take_idle()
         if conn is not None:
-            exchange = _FastExchange(
-                client, rules, request, route, path, query, headers, request_id, fail
-            )
-            exchange.start(conn, target, candidates)
+            _FastExchange(fwd, request, fail, candidates).start(conn, target)
             return None
-    return proxy_http(client, rules, request, route, path, query, headers, request_id, candidates)
+    return proxy_http(fwd, request, candidates)
 
 
 class _FastExchange:
-    __slots__ = (
-        "candidates",
-        "client",
-        "conn",
-        "fail",
-        "headers",
-        "path",
-        "query",
-        "request",
-        "request_id",
-        "route",
-        "rules",
-    )
+    __slots__ = ("candidates", "conn", "fail", "fwd", "request")
 
     def __init__(
         self,
-        client: UpstreamClient,
-        rules: HeaderRules,
+        fwd: Forwarding,
         request: Incoming,
-        route: Route,
-        path: str,
-        query: str,
-        headers: list[bytes],
-        request_id: str,
         fail: Callable[[Exception], None],
+        candidates: list[Target],
     ) -> None:
-        self.client = client
-        self.rules = rules
+        self.fwd = fwd
         self.request = request
-        self.route = route
-        self.path = path
-        self.query = query
-        self.headers = headers
-        self.request_id = request_id
         self.fail = fail
-        self.candidates: list[Target] = []
+        self.candidates = candidates
         self.conn: UpstreamConnection | None = None
 
-    def start(self, conn: UpstreamConnection, target: Target, candidates: list[Target]) -> None:
+    def start(self, conn: UpstreamConnection, target: Target) -> None:
         self.conn = conn
-        self.candidates = candidates
         request = self.request
-        path_qs = self.path + "?" + self.query if self.query else self.path
-        head = build_head(
-            request.method, target.base_path + path_qs, target.host_header, self.headers, False
-        )
+        head = self.fwd.head(request.method, target, False)
         request.upstream = target.url
-        conn.begin(request.method, self.route.timeout, self._on_head, timing=True)
+        conn.begin(request.method, self.fwd.route.timeout, self._on_head, timing=True)
         request.on_lost = self._on_client_lost
         assert conn.transport is not None
         conn.transport.write(head)
@@ -266,18 +241,7 @@ class _FastExchange:
                 # The upstream had dropped the idle connection: the coroutine path
                 # tries once more on a fresh one.
                 request.protocol.run_pending(
-                    request,
-                    proxy_http(
-                        self.client,
-                        self.rules,
-                        request,
-                        self.route,
-                        self.path,
-                        self.query,
-                        self.headers,
-                        self.request_id,
-                        self.candidates,
-                    ),
+                    request, proxy_http(self.fwd, request, self.candidates)
                 )
                 return
             self.fail(
@@ -286,7 +250,7 @@ class _FastExchange:
             return
         if payload.is_eof():
             self.conn = None
-            _send_whole(self.rules, request, message, payload, self.request_id)
+            _send_whole(self.fwd, request, message, payload)
             conn.release(reuse=conn.finished())
             request.finish()
             return
@@ -295,44 +259,45 @@ class _FastExchange:
         request.protocol.run_pending(
             request,
             _stream(
-                self.rules,
+                self.fwd,
                 request,
                 message,
                 payload,
-                self.request_id,
                 lambda clean: conn.release(clean and conn.finished()),
             ),
         )
 
 
+def _answer_lines(fwd: Forwarding, message: RawResponseMessage) -> list[bytes]:
+    lines = fwd.rules.downstream_lines(message.raw_headers)
+    lines.append(b"X-Request-Id: " + fwd.request_id.encode() + b"\r\n")
+    return lines
+
+
 def _send_whole(
-    rules: HeaderRules,
+    fwd: Forwarding,
     request: Incoming,
     message: RawResponseMessage,
     payload: aiohttp.StreamReader,
-    request_id: str,
 ) -> None:
     """The whole body came with the head (most API answers): one write."""
-    lines = rules.downstream_lines(message.raw_headers)
-    lines.append(b"X-Request-Id: " + request_id.encode() + b"\r\n")
+    lines = _answer_lines(fwd, message)
     body = payload.read_nowait(-1)
     if request.method == "HEAD" or message.code in (204, 304):
-        lines.extend(rules.length_lines(message.raw_headers))
+        lines.extend(fwd.rules.length_lines(message.raw_headers))
     request.send(message.code, message.reason, lines, body)
 
 
 async def _stream(
-    rules: HeaderRules,
+    fwd: Forwarding,
     request: Incoming,
     message: RawResponseMessage,
     payload: aiohttp.StreamReader,
-    request_id: str,
     release: Callable[[bool], None],
 ) -> None:
     clean = False
     try:
-        lines = rules.downstream_lines(message.raw_headers)
-        lines.append(b"X-Request-Id: " + request_id.encode() + b"\r\n")
+        lines = _answer_lines(fwd, message)
         known = message.headers.get("Content-Length") if not message.chunked else None
         await request.start_stream(
             message.code, message.reason, lines, int(known) if known is not None else None
@@ -356,40 +321,27 @@ async def _stream(
 
 
 async def proxy_http(
-    client: UpstreamClient,
-    rules: HeaderRules,
-    request: Incoming,
-    route: Route,
-    path: str,
-    query: str,
-    headers: list[bytes],
-    request_id: str,
-    candidates: list[Target] | None = None,
+    fwd: Forwarding, request: Incoming, candidates: list[Target] | None = None
 ) -> None:
     """Forward ``request`` and write the upstream's answer to the client (the
     coroutine path: request bodies, new connections, retries)."""
     length = request.content_length
-    if length is not None and length > route.max_body:
+    if length is not None and length > fwd.route.max_body:
         raise BodyTooLarge()
     state = _BodyState()
     # A client that hangs up while we wait on the upstream cancels the exchange
     # (and its upstream connection) rather than leaving it to the route timeout.
     request.protocol.cancel_on_lost = True
-    upstream = await _open(client, request, route, path, query, headers, state, candidates)
+    upstream = await _open(fwd, request, state, candidates)
     request.protocol.cancel_on_lost = False
     if upstream.payload.is_eof():
         try:
-            _send_whole(rules, request, upstream.message, upstream.payload, request_id)
+            _send_whole(fwd, request, upstream.message, upstream.payload)
         finally:
             upstream.release()
         return
     await _stream(
-        rules,
-        request,
-        upstream.message,
-        upstream.payload,
-        request_id,
-        lambda clean: upstream.release(),
+        fwd, request, upstream.message, upstream.payload, lambda clean: upstream.release()
     )
 
 
