@@ -44,6 +44,9 @@ MAX_HEADERS = 128
 # Pipelined requests parsed ahead of the one being served; past this the socket
 # is not read until the queue drains (a client cannot make us buffer without end).
 MAX_QUEUED = 32
+# After an answer sent before its request body was read, how long the rest of
+# the body is read and dropped before the connection is closed anyway.
+LINGER = 2.0
 # Responses that never carry a body (RFC 9110 6.4.1), whatever their headers say.
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -160,8 +163,10 @@ class Incoming:
     ) -> bytes:
         self.responded = True
         self.status = status
-        if self.protocol.server.draining:
-            self.keep_alive = False  # the client is told before the connection closes
+        if self.protocol.server.draining or not self.content.is_eof():
+            # Draining, or answering before the body is in (a 401 on an upload):
+            # the client is told the connection ends with this answer.
+            self.keep_alive = False
         if not self.keep_alive:
             connection = b"Connection: close\r\n"
         elif self.version.minor == 0:
@@ -375,6 +380,9 @@ class HttpProtocol(BaseProtocol):
         if self._ws_parser is not None or self._upgraded:
             return False
         self._eof = True
+        if self._stop_reading and self._current is None:
+            self.close()  # lingering (or refused) and the client is done sending
+            return True
         if self._parser is not None and not self._stop_reading:
             try:
                 self._parser.feed_eof()
@@ -519,10 +527,34 @@ class HttpProtocol(BaseProtocol):
                 self.data_received(tail)
         # A body the handler did not read to its end would be parsed as the next
         # request by a naive server; this one closes instead.
-        if not (request.keep_alive and request.content.is_eof() and not self._upgraded):
+        if not request.content.is_eof():
+            self._linger()
+            return
+        if not (request.keep_alive and not self._upgraded):
             self.close()
             return
         self._process()
+
+    def _linger(self) -> None:
+        """Close after an answer sent before the body was read, gently.
+
+        Closing a socket with unread bytes makes the kernel send a reset, and
+        the client's stack then often discards the answer it had (a 401 on an
+        upload would surface as a network error). So the sending side is shut
+        (the client sees the end after the answer) and what still arrives is
+        read and dropped, until the client closes or LINGER seconds pass.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        self._stop_reading = True
+        self._queue.clear()
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._reading_paused or self._buffer_paused:
+            self._reading_paused = self._buffer_paused = False
+            self._resume_transport_reading()
+        self.loop.call_later(LINGER, self.close)
 
     def _refuse(self, exc: HttpProcessingError) -> None:
         log.debug("refused a malformed request: %s", exc)

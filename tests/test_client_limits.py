@@ -119,3 +119,32 @@ async def test_connections_past_max_connections_are_closed_at_once(
     await _ok(gw)
     for _, w in held[1:]:
         w.close()
+
+
+async def test_an_upload_refused_before_its_body_is_read_still_gets_its_answer(
+    gw: Running, seen: Recorder
+) -> None:
+    """A 401 on a 4 MiB upload: the gateway answers without reading the body. It
+    must say `Connection: close` and close gently (shut its side, drop what still
+    arrives) so the client reads the 401 instead of a connection reset."""
+    body = b"x" * (4 * 1024 * 1024)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.listener.port)
+    writer.write(b"POST /api/upload HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body))
+
+    async def send_body() -> None:
+        try:
+            for i in range(0, len(body), 65536):
+                writer.write(body[i : i + 65536])
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    sending = asyncio.create_task(send_body())
+    answer = await asyncio.wait_for(reader.read(), 10.0)  # to EOF: no reset on the way
+    await sending
+    writer.close()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"connection: close" in head.lower()
+    assert b"token_missing" in rest
+    assert not seen.seen
