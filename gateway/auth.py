@@ -198,9 +198,14 @@ class AuthEndpoints:
         if not self._rules.is_trusted(request.remote):
             return None  # anyone could claim the URI of a public route
         for name in ("X-Forwarded-Uri", "X-Original-URI"):
-            value = request.headers.get(name)
-            if value:
-                return value
+            values = request.headers.getall(name, ())
+            if len(values) > 1 or any(" " in v or "\t" in v for v in values):
+                # A proxy that appends rather than replaces would let the client's
+                # own value through: which one is the original is unknowable. (A
+                # URI has no spaces; a folded "a, b" list has.)
+                raise BadRequest(f"More than one {name}, or not a URI.")
+            if values and values[0]:
+                return values[0]
         return None
 
     async def _decrypt(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
