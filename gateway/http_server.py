@@ -34,6 +34,7 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
+from gateway.batching import WriteBatch
 from gateway.errors import status_error
 
 log = logging.getLogger("gateway.server")
@@ -188,12 +189,11 @@ class Incoming:
         bodyless = self.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
         framing = b"" if bodyless else b"Content-Length: %d\r\n" % len(body)
         head = self._head(status, reason, lines, framing, own)
-        transport = self.protocol.transport
-        if transport is not None:
+        if self.protocol.transport is not None:
             if bodyless:
-                transport.write(head)
+                self.protocol.write_soon(head)
             else:
-                transport.write(head + body)
+                self.protocol.write_soon(head + body)
                 self.sent = len(body)
 
     def send_response(self, response: web.StreamResponse) -> None:
@@ -241,21 +241,19 @@ class Incoming:
             await self.protocol.write(b"0\r\n\r\n")
 
     def send_continue(self) -> None:
-        transport = self.protocol.transport
-        if transport is not None:
-            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.protocol.transport is not None:
+            self.protocol.write_soon(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def abort(self) -> None:
         """Cut the connection: the only honest end of an answer already under way."""
         self.keep_alive = False
-        transport = self.protocol.transport
-        if transport is not None:
-            transport.close()
+        self.protocol.close()
 
     def as_aiohttp(self) -> web.BaseRequest:
         """A real aiohttp request on this connection, for WebSocket upgrades."""
         protocol = self.protocol
         self.keep_alive = False
+        protocol.flush_out()  # aiohttp writes to the transport directly
         return web.BaseRequest(
             self.message,
             self.content,
@@ -318,6 +316,8 @@ class HttpProtocol(BaseProtocol):
         # Set while a proxied exchange waits on its upstream: a client that hangs
         # up then cancels the exchange instead of leaving it to the route timeout.
         self.cancel_on_lost = False
+        # Answers held until the end of the loop's pass (gateway.batching).
+        self._out: list[bytes] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -401,6 +401,7 @@ class HttpProtocol(BaseProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        self._out = None
         self.server.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -429,16 +430,36 @@ class HttpProtocol(BaseProtocol):
         pass  # a WebSocket connection ends with its handler
 
     # -- writing ----------------------------------------------------------------------
+    def write_soon(self, data: bytes) -> None:
+        """Write ``data`` at the end of the loop's current pass (gateway.batching)."""
+        out = self._out
+        if out is None:
+            self._out = [data]
+            self.server.batch.hold(self)
+        else:
+            out.append(data)
+
+    def flush_out(self) -> None:
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+
     async def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
+        self.flush_out()
         transport.write(data)
         if self._paused:
             await self._drain_helper()
 
     def close(self) -> None:
         self._closed = True
+        self.flush_out()
         if self.transport is not None:
             self.transport.close()
 
@@ -549,6 +570,7 @@ class HttpProtocol(BaseProtocol):
             return
         self._stop_reading = True
         self._queue.clear()
+        self.flush_out()
         if transport.can_write_eof():
             transport.write_eof()
         if self._reading_paused or self._buffer_paused:
@@ -569,6 +591,7 @@ class HttpProtocol(BaseProtocol):
             if name.lower() != "content-length"
         ]
         body = response.body if isinstance(response.body, bytes) else b""
+        self.flush_out()
         transport.write(
             b"HTTP/1.1 %d %s\r\n%bContent-Length: %d\r\nConnection: close\r\n\r\n%b"
             % (status, _reason(status).encode(), b"".join(lines), len(body), body)
@@ -647,6 +670,7 @@ class HttpServer:
         self.loop = loop or asyncio.get_running_loop()
         self.connections: set[HttpProtocol] = set()
         self.draining = False
+        self.batch = WriteBatch(self.loop)
 
     def __call__(self) -> HttpProtocol:
         return HttpProtocol(self)

@@ -214,8 +214,7 @@ class _FastExchange:
         request.upstream = target.url
         conn.begin(request.method, self.fwd.route.timeout, self._on_head, timing=True)
         request.on_lost = self._on_client_lost
-        assert conn.transport is not None
-        conn.transport.write(head)
+        conn.write_soon(head, request.protocol.server.batch)
 
     def _on_client_lost(self) -> None:
         # The client hung up while we waited: the upstream exchange is abandoned.

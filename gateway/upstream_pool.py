@@ -34,6 +34,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import StreamReader
 
+from gateway.batching import WriteBatch
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
 MAX_IDLE_PER_TARGET = 256
@@ -79,6 +80,7 @@ class UpstreamConnection(BaseProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._reusable: HttpResponseParser | None = None
         self._head_only = False
+        self._out: bytes | None = None  # a request head held for the loop's pass
 
     # -- one exchange -----------------------------------------------------------------
     def begin(self, method: str, timeout: float, on_head: OnHead, *, timing: bool) -> None:
@@ -123,6 +125,19 @@ class UpstreamConnection(BaseProtocol):
             and not self.message.should_close
             and not self.should_close
         )
+
+    def write_soon(self, head: bytes, batch: WriteBatch) -> None:
+        """Send a request head at the end of the loop's pass (gateway.batching).
+        Only a head with no body goes this way: nothing else is written until
+        its response arrives, so nothing can overtake it."""
+        self._out = head
+        batch.hold(self)
+
+    def flush_out(self) -> None:
+        head, self._out = self._out, None
+        transport = self.transport
+        if head is not None and transport is not None and not transport.is_closing():
+            transport.write(head)
 
     def end(self) -> None:
         self._timing = False
@@ -203,6 +218,7 @@ class UpstreamConnection(BaseProtocol):
         self.close()
 
     def close(self) -> None:
+        self._out = None  # an exchange given up: its request is not sent
         if self.transport is not None:
             self.transport.close()
 

@@ -52,25 +52,41 @@ def test_config_tree_is_frozen() -> None:
 def test_every_contract_key_is_accepted() -> None:
     raw = {
         "server": {
-            "host": "127.0.0.1", "port": 9090, "workers": 2, "max_body": "10MiB",
-            "trusted_proxies": ["10.0.0.0/8", "::1"], "shutdown_grace": "10s",
+            "host": "127.0.0.1",
+            "port": 9090,
+            "workers": 2,
+            "max_body": "10MiB",
+            "trusted_proxies": ["10.0.0.0/8", "::1"],
+            "shutdown_grace": "10s",
         },
         "wechat": {
-            "appid": "wxapp", "secret": "x", "api_base": "https://api.weixin.qq.com",
-            "timeout": "5s", "fake": False,
+            "appid": "wxapp",
+            "secret": "x",
+            "api_base": "https://api.weixin.qq.com",
+            "timeout": "5s",
+            "fake": False,
         },
         "token": {
-            "secret": SECRET, "previous_secrets": ["p" * 40], "ttl": "2h",
-            "header": "Authorization", "issuer": "wx-gateway", "leeway": "0s",
+            "secret": SECRET,
+            "previous_secrets": ["p" * 40],
+            "ttl": "2h",
+            "header": "Authorization",
+            "issuer": "wx-gateway",
+            "leeway": "0s",
         },
         "storage": {"url": "sqlite:///./gateway.db"},
         "identity": {"openid_header": "X-OpenId", "unionid_header": "X-UnionId"},
         "rate_limits": {"login_per_ip": "20/s"},
         "routes": [
             {
-                "prefix": "/api/", "upstream": ["http://127.0.0.1:9000", "http://127.0.0.1:9001"],
-                "auth": "required", "strip_prefix": False, "timeout": "30s", "max_body": "50MiB",
-                "websocket": True, "rate_limit": "100/s",
+                "prefix": "/api/",
+                "upstream": ["http://127.0.0.1:9000", "http://127.0.0.1:9001"],
+                "auth": "required",
+                "strip_prefix": False,
+                "timeout": "30s",
+                "max_body": "50MiB",
+                "websocket": True,
+                "rate_limit": "100/s",
             }
         ],
     }
@@ -84,7 +100,16 @@ def test_every_contract_key_is_accepted() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [(5, 5.0), (1.5, 1.5), ("500ms", 0.5), ("5s", 5.0), ("2m", 120.0), ("2h", 7200.0), ("30d", 2592000.0), ("7", 7.0)],
+    [
+        (5, 5.0),
+        (1.5, 1.5),
+        ("500ms", 0.5),
+        ("5s", 5.0),
+        ("2m", 120.0),
+        ("2h", 7200.0),
+        ("30d", 2592000.0),
+        ("7", 7.0),
+    ],
 )
 def test_durations(text: Any, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -98,7 +123,13 @@ def test_bad_durations(text: Any) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [(1024, 1024), ("512KiB", 512 * 1024), ("10MiB", 10 * 1024**2), ("1GiB", 1024**3), ("100", 100)],
+    [
+        (1024, 1024),
+        ("512KiB", 512 * 1024),
+        ("10MiB", 10 * 1024**2),
+        ("1GiB", 1024**3),
+        ("100", 100),
+    ],
 )
 def test_sizes(text: Any, size: int) -> None:
     assert parse_size(text) == size
@@ -165,20 +196,60 @@ def test_all_problems_reported_at_once_with_paths() -> None:
     [
         (lambda r: r.update(extra={}), "extra: unknown key"),
         (lambda r: r["token"].update(secret="short"), "token.secret: must be at least 32 bytes"),
-        (lambda r: r["token"].update(previous_secrets=["short"]), "token.previous_secrets: [0] must be at least 32 bytes"),
-        (lambda r: r["token"].update(header="Bad Header"), "token.header: 'Bad Header' is not a valid HTTP header name"),
+        (
+            lambda r: r["token"].update(previous_secrets=["short"]),
+            "token.previous_secrets: [0] must be at least 32 bytes",
+        ),
+        (
+            lambda r: r["token"].update(header="Bad Header"),
+            "token.header: 'Bad Header' is not a valid HTTP header name",
+        ),
         (lambda r: r["wechat"].pop("appid"), "wechat.appid: required"),
         (lambda r: r["wechat"].update(fake="maybe"), "wechat.fake: must be true or false"),
-        (lambda r: r.update(server={"trusted_proxies": ["10.0.0.0/33"]}), "server.trusted_proxies: [0] '10.0.0.0/33' is not an IP address or CIDR"),
+        (
+            lambda r: r.update(server={"trusted_proxies": ["10.0.0.0/33"]}),
+            "server.trusted_proxies: [0] '10.0.0.0/33' is not an IP address or CIDR",
+        ),
         (lambda r: r.update(server={"workers": 0}), "server.workers: must be between 1 and 256"),
-        (lambda r: r.update(storage={"url": "postgres://x"}), "storage.url: only sqlite:// URLs are supported"),
-        (lambda r: r.update(rate_limits={"login_per_ip": "lots"}), "rate_limits.login_per_ip: not a rate"),
-        (lambda r: r.update(routes=[{"prefix": "/a/../b/", "upstream": "http://h"}]), "routes[0].prefix: '/a/../b/' is not a normalised path"),
-        (lambda r: r.update(routes=[{"prefix": "/a/", "upstream": []}]), "routes[0].upstream: must name at least one URL"),
-        (lambda r: r.update(routes=[{"prefix": "/a/", "upstream": "ftp://h"}]), "routes[0].upstream: 'ftp://h' is not a URL"),
-        (lambda r: r.update(routes=[{"prefix": "/a/", "upstream": "http://h", "rate_limit": "x"}]), "routes[0].rate_limit: not a rate"),
-        (lambda r: r.update(routes=[{"prefix": "/a/", "upstream": "http://h"}, {"prefix": "/a/", "upstream": "http://h"}]), "routes[1].prefix: '/a/' already used by routes[0]"),
-        (lambda r: r.update(routes=[{"prefix": "/auth/", "upstream": "http://h"}]), "routes[0].prefix: '/auth/' is served by the gateway itself"),
+        (
+            lambda r: r.update(storage={"url": "postgres://x"}),
+            "storage.url: only sqlite:// URLs are supported",
+        ),
+        (
+            lambda r: r.update(rate_limits={"login_per_ip": "lots"}),
+            "rate_limits.login_per_ip: not a rate",
+        ),
+        (
+            lambda r: r.update(routes=[{"prefix": "/a/../b/", "upstream": "http://h"}]),
+            "routes[0].prefix: '/a/../b/' is not a normalised path",
+        ),
+        (
+            lambda r: r.update(routes=[{"prefix": "/a/", "upstream": []}]),
+            "routes[0].upstream: must name at least one URL",
+        ),
+        (
+            lambda r: r.update(routes=[{"prefix": "/a/", "upstream": "ftp://h"}]),
+            "routes[0].upstream: 'ftp://h' is not a URL",
+        ),
+        (
+            lambda r: r.update(
+                routes=[{"prefix": "/a/", "upstream": "http://h", "rate_limit": "x"}]
+            ),
+            "routes[0].rate_limit: not a rate",
+        ),
+        (
+            lambda r: r.update(
+                routes=[
+                    {"prefix": "/a/", "upstream": "http://h"},
+                    {"prefix": "/a/", "upstream": "http://h"},
+                ]
+            ),
+            "routes[1].prefix: '/a/' already used by routes[0]",
+        ),
+        (
+            lambda r: r.update(routes=[{"prefix": "/auth/", "upstream": "http://h"}]),
+            "routes[0].prefix: '/auth/' is served by the gateway itself",
+        ),
         (lambda r: r.update(routes={"prefix": "/"}), "routes: must be a list"),
         (lambda r: r.update(server=[1]), "server: must be a mapping"),
     ],

@@ -143,8 +143,12 @@ async def test_notjson_and_http500_codes(client: Client, api: str) -> None:
         if api == "login":
             resp = await client.get(
                 "/sns/jscode2session",
-                params={"appid": APPID, "secret": SECRET, "js_code": code,
-                        "grant_type": "authorization_code"},
+                params={
+                    "appid": APPID,
+                    "secret": SECRET,
+                    "js_code": code,
+                    "grant_type": "authorization_code",
+                },
             )
         else:
             resp = await client.post(
@@ -315,7 +319,10 @@ async def test_stats_count_calls_and_reset_clears_them(client: Client) -> None:
     await client.get("/cgi-bin/token", params=params)
     seen = await stats(client)
     assert seen["calls"] == {
-        "jscode2session": 2, "token": 1, "stable_token": 1, "getuserphonenumber": 1,
+        "jscode2session": 2,
+        "token": 1,
+        "stable_token": 1,
+        "getuserphonenumber": 1,
     }
     assert seen["js_codes"] == ["c1", "c2"]
     assert seen["phone_codes"] == ["phone-1"]
@@ -394,8 +401,7 @@ def _get_json(url: str, deadline: float) -> dict[str, Any]:
 def test_run_serves_real_tcp_and_warns_loudly() -> None:
     port = _free_port()
     script = (
-        "from gateway.wechat.fake import run; "
-        f"run(port={port}, appid={APPID!r}, secret={SECRET!r})"
+        f"from gateway.wechat.fake import run; run(port={port}, appid={APPID!r}, secret={SECRET!r})"
     )
     proc = subprocess.Popen(
         [sys.executable, "-u", "-c", script],

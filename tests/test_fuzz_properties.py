@@ -46,9 +46,7 @@ def fuzz(max_examples: int = 300) -> settings:
 
 
 def config(**sections: Any) -> Config:
-    raw = base_config(
-        Path("/nonexistent"), "http://127.0.0.1:9", "http://127.0.0.1:9", **sections
-    )
+    raw = base_config(Path("/nonexistent"), "http://127.0.0.1:9", "http://127.0.0.1:9", **sections)
     return build_config(raw, env={})
 
 
@@ -538,7 +536,9 @@ JSON_VALUES = st.recursive(
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
     max_leaves=6,
 )
 CLAIM_VALUES = {
@@ -592,7 +592,10 @@ HEADERS = st.one_of(
 @fuzz(500)
 @given(signed_claims(), HEADERS)
 @example({"sub": "o", "iss": "wx-gateway", "iat": True, "exp": 2**62, "sid": "s"}, {"kid": KID})
-@example({"sub": "o\r\nX-OpenId: x", "iss": "wx-gateway", "iat": 1, "exp": 2**40, "sid": "s"}, {"kid": KID})
+@example(
+    {"sub": "o\r\nX-OpenId: x", "iss": "wx-gateway", "iat": 1, "exp": 2**40, "sid": "s"},
+    {"kid": KID},
+)
 @example({"sub": ["o"], "iss": "wx-gateway", "iat": 1, "exp": 2**40, "sid": "s"}, {"kid": KID})
 @example({"sub": "o", "iss": ["wx-gateway"], "iat": 1, "exp": 2**40, "sid": "s"}, {"kid": KID})
 def test_correctly_signed_odd_claims(claims: dict[str, Any], header: dict[str, Any]) -> None:
@@ -607,7 +610,9 @@ def test_correctly_signed_odd_claims(claims: dict[str, Any], header: dict[str, A
     assert header.get("kid") == KID
     assert header.get("alg", "HS256") == "HS256"
     assert claims.get("iss") == "wx-gateway"
-    assert isinstance(claims.get("sub"), str) and claims["sub"] and not control.search(claims["sub"])
+    assert (
+        isinstance(claims.get("sub"), str) and claims["sub"] and not control.search(claims["sub"])
+    )
     assert isinstance(claims.get("sid"), str) and claims["sid"]
     # (JSON `true` passes as the integer 1 here; only the key holder can sign it.)
     assert isinstance(claims.get("exp"), int) and claims["exp"] > NOW

@@ -21,14 +21,11 @@ that no worker died (the supervisor would silently replace it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -37,6 +34,7 @@ from gateway.config import build_config
 from gateway.tokens import TokenCodec
 from tests.conftest import Running, StartGateway, base_config, free_port
 from tests.procs import GatewayProcess, children, wait_healthy, write_config
+from tests.rawhttp import Exchange, Response, exchange
 from tests.upstream import Recorder, Seen
 
 OPENID = "o-hostile-real-user"
@@ -74,152 +72,6 @@ HOP_BY_HOP = {
 
 def fold(name: str) -> str:
     return name.lower().replace("_", "-")
-
-
-# -- a tiny HTTP/1.1 response reader ---------------------------------------------
-
-
-@dataclass
-class Response:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class Exchange:
-    responses: list[Response]
-    closed: bool  # the gateway closed (or reset) the connection
-    rest: bytes  # bytes that did not parse as a complete response
-
-    def statuses(self) -> list[int]:
-        return [r.status for r in self.responses]
-
-
-class _Incomplete(Exception):
-    pass
-
-
-def _dechunk(data: bytes) -> tuple[bytes, int]:
-    """(body, bytes consumed) of a chunked body; _Incomplete if it has not all arrived."""
-    body, pos = bytearray(), 0
-    while True:
-        end = data.find(b"\r\n", pos)
-        if end < 0:
-            raise _Incomplete
-        size = int(data[pos:end].split(b";")[0].strip() or b"0", 16)
-        pos = end + 2
-        if size == 0:
-            # Trailer section: field lines up to an empty line.
-            while True:
-                end = data.find(b"\r\n", pos)
-                if end < 0:
-                    raise _Incomplete
-                line, pos = data[pos:end], end + 2
-                if not line:
-                    return bytes(body), pos
-        if len(data) < pos + size + 2:
-            raise _Incomplete
-        body += data[pos : pos + size]
-        pos += size + 2
-
-
-def parse_responses(buf: bytes, closed: bool) -> tuple[list[Response], bytes]:
-    out: list[Response] = []
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            return out, buf
-        lines = buf[:end].decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        assert parts[0].startswith("HTTP/"), f"not an HTTP response: {buf[:200]!r}"
-        status = int(parts[1])
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers.append((name.strip(), value.strip()))
-        rest = buf[end + 4 :]
-        if 100 <= status < 200:  # interim (100 Continue): not a response of its own
-            buf = rest
-            continue
-        response = Response(status, headers, b"")
-        length = response.header("Content-Length")
-        if length is not None:
-            n = int(length)
-            if len(rest) < n:
-                return out, buf
-            response.body, buf = rest[:n], rest[n:]
-        elif "chunked" in (response.header("Transfer-Encoding") or "").lower():
-            try:
-                response.body, used = _dechunk(rest)
-            except _Incomplete:
-                return out, buf
-            buf = rest[used:]
-        elif status in (204, 304):
-            buf = rest
-        else:
-            if not closed:
-                return out, buf
-            response.body, buf = rest, b""
-        out.append(response)
-
-
-async def exchange(
-    port: int,
-    data: bytes | list[bytes],
-    *,
-    expect: int = 1,
-    deadline: float = 5.0,
-    idle: float = 0.3,
-    pause: float = 0.0,
-) -> Exchange:
-    """Send ``data`` (pieces ``pause`` seconds apart) and read responses until the
-    gateway closes, or ``expect`` responses arrived and nothing more came for
-    ``idle`` seconds, or ``deadline`` passed."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    buf, closed = b"", False
-    pieces = [data] if isinstance(data, bytes) else data
-    try:
-        for i, piece in enumerate(pieces):
-            if i and pause:
-                await asyncio.sleep(pause)
-            writer.write(piece)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        closed = True  # the gateway gave up on us mid-send; read what it said
-    end = time.monotonic() + deadline
-    while True:
-        responses, _ = parse_responses(buf, closed)
-        left = end - time.monotonic()
-        if closed or left <= 0:
-            break
-        wait = min(left, idle) if len(responses) >= expect else left
-        try:
-            chunk = await asyncio.wait_for(reader.read(65536), wait)
-        except TimeoutError:
-            if len(responses) >= expect:
-                break
-            continue
-        except (ConnectionError, OSError):
-            closed = True
-            continue
-        if not chunk:
-            closed = True
-        buf += chunk
-    writer.close()
-    with contextlib.suppress(ConnectionError, OSError):
-        await writer.wait_closed()
-    responses, rest = parse_responses(buf, closed)
-    return Exchange(responses, closed, rest)
 
 
 # -- the cases ----------------------------------------------------------------------
@@ -517,8 +369,7 @@ CASES: list[Case] = [
     ),
     Case(
         "request-after-zero-cl-is-its-own",
-        b"POST /public/x HTTP/1.1\r\nHost: gw.example\r\nContent-Length: 0\r\n\r\n"
-        + SMUGGLED_GET,
+        b"POST /public/x HTTP/1.1\r\nHost: gw.example\r\nContent-Length: 0\r\n\r\n" + SMUGGLED_GET,
         "ok",
         statuses=(200, 401),
         upstream=(("POST", "/public/x"),),
@@ -779,7 +630,9 @@ CASES: list[Case] = [
         "reject",
         errors=BAD,
     ),
-    Case("encoded-backslash", get(b"/public/..%5capi%5cSMUGGLED", auth=False), "reject", errors=BAD),
+    Case(
+        "encoded-backslash", get(b"/public/..%5capi%5cSMUGGLED", auth=False), "reject", errors=BAD
+    ),
     Case(
         "encoded-dot-dot-into-api",
         get(b"/public/%2e%2E/api/SMUGGLED", auth=False),
@@ -1114,7 +967,12 @@ CASES: list[Case] = [
         "either",
         upstream=(("GET", "/public/x"),),
     ),
-    Case("http2-version-line", get(b"/api/x", version=b"HTTP/2.0"), "either", upstream=(("GET", "/api/x"),)),
+    Case(
+        "http2-version-line",
+        get(b"/api/x", version=b"HTTP/2.0"),
+        "either",
+        upstream=(("GET", "/api/x"),),
+    ),
     Case("http-version-garbage", get(b"/api/x", version=b"HTTP/1.x"), "reject", errors=BAD),
     Case("http-version-lowercase", get(b"/api/x", version=b"http/1.1"), "reject", errors=BAD),
     Case(
@@ -1142,7 +1000,12 @@ CASES: list[Case] = [
         "either",
         upstream=(("GET", "/api/x"),),
     ),
-    Case("request-line-trailing-word", get(b"/api/x", version=b"HTTP/1.1 extra"), "reject", errors=BAD),
+    Case(
+        "request-line-trailing-word",
+        get(b"/api/x", version=b"HTTP/1.1 extra"),
+        "reject",
+        errors=BAD,
+    ),
     Case(
         "empty-lines-before-request",
         b"\r\n\r\n" + get(b"/api/x"),
@@ -1161,8 +1024,15 @@ CASES: list[Case] = [
         "reject",
         errors=("bad_request", "token_missing", "method_not_allowed"),
     ),
-    Case("lowercase-method", get(b"/api/x", method=b"get"), "either", upstream=(("get", "/api/x"),)),
-    Case("webdav-method", get(b"/api/x", method=b"PROPFIND"), "ok", upstream=(("PROPFIND", "/api/x"),)),
+    Case(
+        "lowercase-method", get(b"/api/x", method=b"get"), "either", upstream=(("get", "/api/x"),)
+    ),
+    Case(
+        "webdav-method",
+        get(b"/api/x", method=b"PROPFIND"),
+        "ok",
+        upstream=(("PROPFIND", "/api/x"),),
+    ),
     Case("method-with-nul", get(b"/api/x", method=b"G\x00T"), "reject", errors=BAD),
     Case(
         "connect-method",
@@ -1358,9 +1228,7 @@ def assert_upstream_clean(seen: Recorder, *, token_sent: bool) -> None:
 
 def classify(case: Case, ex: Exchange) -> str:
     if not ex.responses:
-        assert ex.closed, (
-            f"no answer and the connection is still open: {ex.rest[:200]!r}"
-        )
+        assert ex.closed, f"no answer and the connection is still open: {ex.rest[:200]!r}"
         return "reject"
     first = ex.responses[0]
     if 400 <= first.status < 500 and (case.expect != "ok" or first.status != case.statuses[0]):
