@@ -117,7 +117,9 @@ def _url(target: Target, path: str, query: str, scheme: str | None = None) -> UR
     )
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs an object.__setattr__ per
+# field, and one of these is made per proxied request. Never mutated.
+@dataclass(slots=True)
 class Forwarding:
     """What the gateway decided for one proxied request, before any I/O."""
 

@@ -29,18 +29,18 @@ class Target:
     port: int
     base_path: str  # "" or "/base" (no trailing slash)
     dead_until: float = 0.0
+    host_header: str = field(init=False)  # what the upstream gets as Host
+
+    def __post_init__(self) -> None:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        self.host_header = host if self.port == default else f"{host}:{self.port}"
 
     @classmethod
     def parse(cls, url: str) -> Target:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(url, parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
-
-    @property
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
 
 
 @dataclass(slots=True)
