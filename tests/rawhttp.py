@@ -23,6 +23,7 @@ class Response:
                 return value
         return None
 
+    @property
     def json(self) -> Any:
         return json.loads(self.body)
 

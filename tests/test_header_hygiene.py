@@ -15,37 +15,19 @@ Requests go over raw sockets so that duplicate headers, `_` names and odd
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import Running, StartGateway, free_port
+from tests.rawhttp import Response as Reply
 from tests.upstream import Recorder
 
 DEFAULT_IDENTITY = ("x-openid", "x-unionid")
 CUSTOM_IDENTITY = {"openid_header": "X-User", "unionid_header": "X-Union"}
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 async def send(

@@ -1188,7 +1188,7 @@ def token_sent(raw: bytes) -> bool:
 def assert_json_error(response: Response, allowed: tuple[str, ...] | None = None) -> None:
     ctype = response.header("Content-Type") or ""
     assert ctype.startswith("application/json"), (response.status, ctype, response.body[:200])
-    body = response.json()
+    body = response.json
     assert isinstance(body, dict), body
     assert isinstance(body.get("error"), str) and body["error"], body
     assert isinstance(body.get("message"), str) and body["message"], body

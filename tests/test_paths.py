@@ -15,9 +15,6 @@ library to tidy the URL up) to a running gateway and checks what the upstream sa
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -28,6 +25,7 @@ from gateway.config import RouteConfig
 from gateway.paths import BadPath, normalise, normalise_segments
 from gateway.routing import Router
 from tests.conftest import Running, StartGateway
+from tests.rawhttp import Response as Reply
 from tests.upstream import Recorder
 
 # -- gateway.paths.normalise ------------------------------------------------------
@@ -222,23 +220,6 @@ def test_strip_prefix(prefix: str, strip: bool, raw: str, upstream_path: str) ->
 
 
 # -- through a running gateway ------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 async def raw_request(port: int, request_line: str, headers: str = "") -> Reply:

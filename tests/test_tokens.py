@@ -24,7 +24,6 @@ import json
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -36,6 +35,7 @@ from gateway.errors import TokenExpired, TokenInvalid, TokenMissing
 from gateway.tokens import TokenCodec, VerifiedTokens, bearer_from_header, key_id
 from gateway.wechat import fake
 from tests.conftest import TOKEN_SECRET, Running, StartGateway
+from tests.rawhttp import Response as Reply
 from tests.upstream import Recorder
 
 OTHER_SECRET = "another-secret-nobody-configured-0123456789"
@@ -43,23 +43,6 @@ NEW_SECRET = "rotated-token-secret-9876543210-abcdefghijkl"
 KID = key_id(Secret(TOKEN_SECRET))
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 async def send(port: int, target: str, headers: list[tuple[str, str]]) -> Reply:

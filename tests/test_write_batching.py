@@ -70,11 +70,11 @@ async def test_pipelined_answers_from_every_path_arrive_in_order(
     ex = await exchange(port, pipeline, expect=5)
     assert ex.statuses() == [200, 200, 401, 200, 200]
     first, events, refused, health, last = ex.responses
-    assert first.json()["path"] == "/api/first"
+    assert first.json["path"] == "/api/first"
     assert events.body == b"data: event 0\n\ndata: event 1\n\n"
-    assert refused.json()["error"] == "token_missing"
-    assert health.json() == {"status": "ok"}
-    assert last.json()["path"] == "/api/last"
+    assert refused.json["error"] == "token_missing"
+    assert health.json == {"status": "ok"}
+    assert last.json["path"] == "/api/last"
     assert ex.closed and ex.rest == b""  # the close came after the held answer
     # (the upstream's event stream is not recorded)
     assert [s.raw_path for s in seen.seen[1:]] == ["/api/first", "/api/last"]
@@ -91,4 +91,4 @@ async def test_many_connections_answered_in_one_pass_each_get_their_own(
     results = await asyncio.gather(*(exchange(port, _get(gw, name)) for name in names))
     for name, ex in zip(names, results, strict=True):
         assert ex.statuses() == [200]
-        assert ex.responses[0].json()["path"] == name
+        assert ex.responses[0].json["path"] == name
