@@ -58,6 +58,25 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(stolen, total) CPU ticks since boot, all CPUs (/proc/stat; zeros elsewhere).
+
+    Steal is time the hypervisor gave this VM's CPUs to someone else: a run
+    with more than a few percent of it measured the neighbours, not the code.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0, 0
+    ticks = [int(f) for f in fields]
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks[:8])
+
+
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 def need_wrk() -> str:
     wrk = shutil.which("wrk")
     if not wrk:

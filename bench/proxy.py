@@ -25,7 +25,16 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import free_port, need_wrk, parse_wrk, pinned, start, wait_http
+from bench.common import (
+    cpu_ticks,
+    free_port,
+    need_wrk,
+    parse_wrk,
+    pinned,
+    start,
+    steal_percent,
+    wait_http,
+)
 from gateway.config import Secret, TokenConfig
 from gateway.tokens import TokenCodec
 
@@ -128,7 +137,10 @@ def _check_rejects_forgery(port: int, token: str) -> None:
 def _measure(
     port: int, token: str, connections: int, cpus: str | None, seconds: int
 ) -> dict[str, float]:
-    return wrk_run(f"http://127.0.0.1:{port}/api/x", token, seconds, connections, cpus)
+    before = cpu_ticks()
+    result = wrk_run(f"http://127.0.0.1:{port}/api/x", token, seconds, connections, cpus)
+    result["steal"] = steal_percent(before, cpu_ticks())
+    return result
 
 
 def main() -> None:
@@ -237,15 +249,22 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     med = {
         name: {
             k: statistics.median(r.get(k, 0.0) for r in runs)
-            for k in ("rps", "p50", "p99", "non2xx")
+            for k in ("rps", "p50", "p99", "non2xx", "steal")
         }
         for name, runs in results.items()
     }
-    print("| target | req/s | p50 ms | p99 ms | non-2xx | rounds |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| target | req/s | p50 ms | p99 ms | non-2xx | rounds | CPU steal % |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, m in med.items():
         print(
-            f"| {LABELS[name]} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['non2xx']:.0f} | {len(results[name])} |"
+            f"| {LABELS[name]} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} "
+            f"| {m['non2xx']:.0f} | {len(results[name])} | {m['steal']:.1f} |"
+        )
+    worst = max((r.get("steal", 0.0) for runs in results.values() for r in runs), default=0.0)
+    if worst > 2.0:
+        print(
+            f"warning: up to {worst:.0f}% of CPU time was stolen by the hypervisor during a "
+            "run; these numbers measure the neighbours as much as the contenders"
         )
     if "haproxy" in med:
         for name in ("gw1", "gw2"):
