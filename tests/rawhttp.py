@@ -106,6 +106,28 @@ def parse_responses(buf: bytes, closed: bool) -> tuple[list[Response], bytes]:
         out.append(response)
 
 
+async def request_once(port: int, data: bytes, timeout: float = 10.0) -> Response:
+    """Send ``data`` (a request ending with ``Connection: close``) on a fresh
+    connection and read until the gateway closes: the answer, its body being
+    everything after the head (de-chunked when chunked)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines)]
+    response = Response(int(status_line.split(" ")[1]), headers, body)
+    if (response.header("Transfer-Encoding") or "").lower() == "chunked":
+        response.body = _dechunk(body)[0]
+    return response
+
+
 async def exchange(
     port: int,
     data: bytes | list[bytes],

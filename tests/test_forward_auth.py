@@ -17,7 +17,6 @@ reflecting upstream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import shutil
@@ -35,6 +34,8 @@ from multidict import CIMultiDict
 
 from gateway.wechat import fake
 from tests.conftest import Running, StartGateway, free_port
+from tests.rawhttp import Response as Reply
+from tests.rawhttp import request_once
 from tests.upstream import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -499,31 +500,12 @@ def nginx_conf(directory: Path, binary: str, port: int, gateway: str, upstream: 
     return "\n".join(lines) + "\n"
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: list[tuple[str, str]]
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
-
-
 async def raw_get(port: int, target: str, headers: Iterable[tuple[str, str]] = ()) -> Reply:
     """One request over a raw socket, so the target reaches nginx exactly as written."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        lines = [f"GET {target} HTTP/1.1", "Host: edge.test", *(f"{k}: {v}" for k, v in headers)]
-        writer.write(("\r\n".join([*lines, "Connection: close"]) + "\r\n\r\n").encode())
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-    head = data.partition(b"\r\n\r\n")[0].decode("latin-1")
-    status_line, *rest = head.split("\r\n")
-    parsed = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in rest)]
-    return Reply(int(status_line.split(" ")[1]), parsed)
+    lines = [f"GET {target} HTTP/1.1", "Host: edge.test", *(f"{k}: {v}" for k, v in headers)]
+    return await request_once(
+        port, ("\r\n".join([*lines, "Connection: close"]) + "\r\n\r\n").encode()
+    )
 
 
 @dataclass

@@ -14,7 +14,6 @@ Requests go over raw sockets so that duplicate headers, `_` names and odd
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
@@ -23,6 +22,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import Running, StartGateway, free_port
 from tests.rawhttp import Response as Reply
+from tests.rawhttp import request_once
 from tests.upstream import Recorder
 
 DEFAULT_IDENTITY = ("x-openid", "x-unionid")
@@ -50,32 +50,7 @@ async def send(
             lines.append(f"Content-Length: {len(body)}")
         lines.append("Connection: close")
         raw_head = ("\r\n".join(lines) + "\r\n\r\n").encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(raw_head + body)
-        await writer.drain()
-        data = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    head, _, payload = data.partition(b"\r\n\r\n")
-    status_line, *lines_in = head.decode("latin-1").split("\r\n")
-    parsed = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines_in)]
-    reply = Reply(int(status_line.split(" ")[1]), parsed, payload)
-    if (reply.header("Transfer-Encoding") or "").lower() == "chunked":
-        reply.body = dechunk(payload)
-    return reply
-
-
-def dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while True:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            return bytes(out)
-        out += data[:size]
-        data = data[size + 2 :]
+    return await request_once(port, raw_head + body)
 
 
 def upstream_values(seen: Recorder, *names: str) -> list[tuple[str, str]]:

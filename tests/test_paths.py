@@ -14,8 +14,6 @@ library to tidy the URL up) to a running gateway and checks what the upstream sa
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
@@ -26,6 +24,7 @@ from gateway.paths import BadPath, normalise, normalise_segments
 from gateway.routing import Router
 from tests.conftest import Running, StartGateway
 from tests.rawhttp import Response as Reply
+from tests.rawhttp import request_once
 from tests.upstream import Recorder
 
 # -- gateway.paths.normalise ------------------------------------------------------
@@ -224,22 +223,8 @@ def test_strip_prefix(prefix: str, strip: bool, raw: str, upstream_path: str) ->
 
 async def raw_request(port: int, request_line: str, headers: str = "") -> Reply:
     """Send the request line and header lines exactly as given; read to EOF."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(
-            f"{request_line}\r\nHost: front.example\r\n{headers}Connection: close\r\n\r\n".encode(
-                "utf-8", "surrogateescape"
-            )
-        )
-        await writer.drain()
-        data = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    parsed = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines)]
-    return Reply(int(status_line.split(" ")[1]), parsed, body)
+    head = f"{request_line}\r\nHost: front.example\r\n{headers}Connection: close\r\n\r\n"
+    return await request_once(port, head.encode("utf-8", "surrogateescape"))
 
 
 @pytest.fixture

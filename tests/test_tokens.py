@@ -36,6 +36,7 @@ from gateway.tokens import TokenCodec, VerifiedTokens, bearer_from_header, key_i
 from gateway.wechat import fake
 from tests.conftest import TOKEN_SECRET, Running, StartGateway
 from tests.rawhttp import Response as Reply
+from tests.rawhttp import request_once
 from tests.upstream import Recorder
 
 OTHER_SECRET = "another-secret-nobody-configured-0123456789"
@@ -46,19 +47,10 @@ KID = key_id(Secret(TOKEN_SECRET))
 
 
 async def send(port: int, target: str, headers: list[tuple[str, str]]) -> Reply:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        lines = [f"GET {target} HTTP/1.1", "Host: t", *(f"{k}: {v}" for k, v in headers)]
-        writer.write(("\r\n".join([*lines, "Connection: close"]) + "\r\n\r\n").encode())
-        await writer.drain()
-        data = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *rest = head.decode("latin-1").split("\r\n")
-    parsed = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in rest)]
-    return Reply(int(status_line.split(" ")[1]), parsed, body)
+    lines = [f"GET {target} HTTP/1.1", "Host: t", *(f"{k}: {v}" for k, v in headers)]
+    return await request_once(
+        port, ("\r\n".join([*lines, "Connection: close"]) + "\r\n\r\n").encode()
+    )
 
 
 def bearer(token: str) -> list[tuple[str, str]]:
