@@ -61,8 +61,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def cpu_ticks() -> tuple[int, int]:
     """(stolen, total) CPU ticks since boot, all CPUs (/proc/stat; zeros elsewhere).
 
-    Steal is time the hypervisor gave this VM's CPUs to someone else: a run
-    with more than a few percent of it measured the neighbours, not the code.
+    Steal is time a CPU of this VM was ready to run and the busy host ran
+    something else (a woken CPU waiting to be scheduled counts too): a run with
+    more than a few percent of it measured the host as much as the code.
     """
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]

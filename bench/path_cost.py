@@ -25,13 +25,13 @@ from typing import Any
 
 import yaml
 
+from bench.proxy import SECRET
 from gateway.config import Secret, TokenConfig, load_config
 from gateway.http_server import HttpServer
 from gateway.server import Listener, _request_done
 from gateway.tokens import TokenCodec
 from gateway.upstream_pool import UpstreamConnection
 
-SECRET = "bench-token-secret-0123456789abcdef0123456789"
 UPSTREAM_PORT = 18080
 # What nginx answers in bench/proxy.py, byte for byte.
 RESPONSE = (

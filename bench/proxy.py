@@ -264,7 +264,7 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     if worst > 2.0:
         print(
             f"warning: up to {worst:.0f}% of CPU time was stolen by the hypervisor during a "
-            "run; these numbers measure the neighbours as much as the contenders"
+            "run; the host was busy: compare ratios only from runs without this warning"
         )
     if "haproxy" in med:
         for name in ("gw1", "gw2"):
