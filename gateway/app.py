@@ -83,7 +83,7 @@ class Gateway:
         self.identity = IdentityResolver(
             config, self.services.tokens, self.services.sessions, clock
         )
-        self.upstreams = proxy.UpstreamClient()
+        self.upstreams = proxy.UpstreamClient(config.server.upstream_idle_timeout)
         self.access_log = AccessLog(config) if config.log.access else None
         self.auth = AuthEndpoints(config, self.services, self.identity, self.rules, self.router)
         self.draining = False

@@ -73,15 +73,16 @@ async def _limited_body(
 class UpstreamClient:
     """The one client session for all upstreams."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_timeout: float) -> None:
         self._session: aiohttp.ClientSession | None = None
         # The HTTP hot path; the session above serves WebSocket upgrades.
-        self.pools = UpstreamPools()
+        self.pools = UpstreamPools(idle_timeout)
+        self._idle_timeout = idle_timeout
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=0,  # the route timeouts bound waiting; a pool cap would only queue
-            keepalive_timeout=30,
+            keepalive_timeout=self._idle_timeout,
             ttl_dns_cache=60,
         )
         self._session = aiohttp.ClientSession(

@@ -19,6 +19,14 @@ is re-armed lazily, not per read.
 A keep-alive connection the upstream closed while idle is the one fault that is
 retried: only for a request with no body whose response had not started, on a
 fresh connection (RFC 9110 9.2.2: idempotent requests may be retried).
+
+So that the fault stays rare, idle connections are closed by us first, after
+``server.upstream_idle_timeout`` (default 4 s: under the keep-alive timeouts of
+Node, uvicorn and Apache, 5 s). A request sent just as the upstream closes its
+end fails (a POST cannot be retried), and one sent on a connection a NAT or
+firewall forgot silently waits out the route timeout. The sweep costs the hot
+path one comparison: the idle list is a stack, so the entries below its lowest
+point since the last sweep have not been touched for a whole sweep interval.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from gateway.batching import WriteBatch
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
 MAX_IDLE_PER_TARGET = 256
+DEFAULT_IDLE_TIMEOUT = 4.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
@@ -228,14 +237,28 @@ class UpstreamConnection(BaseProtocol):
 
 
 class HostPool:
-    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
         self._host = host
         self._port = port
         self._tls = tls
+        # Most recently released last: taken from the end, so the hot connections
+        # stay hot and the ones at the front are the longest idle.
         self._idle: list[UpstreamConnection] = []
+        # The sweep runs every half timeout and closes what sat untouched for a
+        # whole interval: an idle connection lives between half and all of it.
+        self._sweep_every = idle_timeout / 2
+        self._low = 0  # the idle list's lowest length since the last sweep
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def connect(self, connect_timeout: float) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
@@ -254,8 +277,11 @@ class HostPool:
         return conn
 
     def take_idle(self) -> UpstreamConnection | None:
-        while self._idle:
-            conn = self._idle.pop()
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if len(idle) < self._low:
+                self._low = len(idle)
             if conn.transport is not None and not conn.should_close:
                 return conn
             conn.close()
@@ -264,13 +290,31 @@ class HostPool:
     def release(self, conn: UpstreamConnection, *, reuse: bool) -> None:
         if reuse and conn.transport is not None and len(self._idle) < MAX_IDLE_PER_TARGET:
             self._idle.append(conn)
+            if self._sweeper is None and self._loop is not None:
+                self._low = len(self._idle) - 1  # only what is idle from now on counts
+                self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         else:
             conn.close()
 
+    def _sweep(self) -> None:
+        stale, self._idle[: self._low] = self._idle[: self._low], []
+        for conn in stale:
+            conn.close()
+        self._low = len(self._idle)
+        self._sweeper = (
+            self._loop.call_later(self._sweep_every, self._sweep)
+            if self._idle and self._loop is not None
+            else None
+        )
+
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+        self._low = 0
 
     async def request(
         self,
@@ -431,9 +475,10 @@ def build_head(
 class UpstreamPools:
     """One HostPool per (host, port), created on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         self._pools: dict[tuple[str, str, int], HostPool] = {}
         self._tls: ssl.SSLContext | None = None
+        self._idle_timeout = idle_timeout
 
     def get(self, scheme: str, host: str, port: int) -> HostPool:
         pool = self._pools.get((scheme, host, port))
@@ -441,7 +486,7 @@ class UpstreamPools:
             tls = None
             if scheme == "https":
                 tls = self._tls = self._tls or ssl.create_default_context()
-            pool = self._pools[(scheme, host, port)] = HostPool(host, port, tls)
+            pool = self._pools[(scheme, host, port)] = HostPool(host, port, tls, self._idle_timeout)
         return pool
 
     def close(self) -> None:

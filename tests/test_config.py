@@ -33,6 +33,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert (cfg.server.host, cfg.server.port, cfg.server.workers) == ("0.0.0.0", 8080, 1)
     assert cfg.server.max_body == 10 * 1024 * 1024
     assert cfg.server.shutdown_grace == 10
+    assert cfg.server.upstream_idle_timeout == 4
     assert cfg.wechat.api_base == "https://api.weixin.qq.com"
     assert cfg.wechat.timeout == 5 and cfg.wechat.fake is False
     assert cfg.token.ttl == 7200 and cfg.token.header == "Authorization"
@@ -211,6 +212,10 @@ def test_all_problems_reported_at_once_with_paths() -> None:
             "server.trusted_proxies: [0] '10.0.0.0/33' is not an IP address or CIDR",
         ),
         (lambda r: r.update(server={"workers": 0}), "server.workers: must be between 1 and 256"),
+        (
+            lambda r: r.update(server={"upstream_idle_timeout": 0}),
+            "server.upstream_idle_timeout: must be greater than 0",
+        ),
         (
             lambda r: r.update(storage={"url": "postgres://x"}),
             "storage.url: only sqlite:// URLs are supported",

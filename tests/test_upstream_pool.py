@@ -121,3 +121,82 @@ async def test_post_on_a_connection_closed_by_upstream_is_not_retried(
     assert len(posts) <= 1
     if status != 200:
         assert status == 502 and body is not None and body["error"] == "upstream_unavailable"
+
+
+class KeepAliveUpstream:
+    """A raw HTTP/1.1 upstream that keeps every connection open for as long as the
+    client does, and records when the client (the gateway) closes one."""
+
+    def __init__(self) -> None:
+        self.opened: list[float] = []
+        self.closed: list[float] = []  # the loop time of each EOF from the gateway
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        self.opened.append(loop.time())
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        self.closed.append(loop.time())
+        writer.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+
+@pytest.fixture
+async def keepalive_upstream() -> AsyncIterator[KeepAliveUpstream]:
+    upstream = KeepAliveUpstream()
+    upstream.server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    yield upstream
+    upstream.server.close()
+    await upstream.server.wait_closed()
+
+
+async def test_an_idle_upstream_connection_is_closed_after_upstream_idle_timeout(
+    start_gateway: StartGateway, keepalive_upstream: KeepAliveUpstream
+) -> None:
+    gw = await start_gateway(
+        server={"upstream_idle_timeout": "600ms"},
+        routes=[{"prefix": "/k/", "upstream": keepalive_upstream.url, "auth": "public"}],
+    )
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gw.url + "/k/one") as resp:
+            assert resp.status == 200 and await resp.read() == b"ok"
+        answered = loop.time()
+        for _ in range(40):  # the gateway, not the upstream, ends the idle connection
+            if keepalive_upstream.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert len(keepalive_upstream.closed) == 1, "the idle connection was never closed"
+        idle = keepalive_upstream.closed[0] - answered
+        assert 0.25 <= idle <= 1.0, idle  # between half and all of 600 ms, plus slack
+        # The next request opens a new connection and is served.
+        async with http.get(gw.url + "/k/two") as resp:
+            assert resp.status == 200 and await resp.read() == b"ok"
+    assert len(keepalive_upstream.opened) == 2
+
+
+async def test_an_upstream_connection_in_steady_use_is_kept(
+    start_gateway: StartGateway, keepalive_upstream: KeepAliveUpstream
+) -> None:
+    gw = await start_gateway(
+        server={"upstream_idle_timeout": "400ms"},
+        routes=[{"prefix": "/k/", "upstream": keepalive_upstream.url, "auth": "public"}],
+    )
+    async with aiohttp.ClientSession() as http:
+        for _ in range(12):  # 1.2 s of requests, each well within the idle timeout
+            async with http.get(gw.url + "/k/x") as resp:
+                assert resp.status == 200 and await resp.read() == b"ok"
+            await asyncio.sleep(0.1)
+    # Three idle timeouts passed, but the connection never sat idle that long.
+    assert len(keepalive_upstream.opened) == 1
+    assert keepalive_upstream.closed == []

@@ -323,6 +323,9 @@ def _server(raw: Any, errors: list[str]) -> m.ServerConfig:
         header_timeout=s.get("header_timeout", _positive_duration, m.DEFAULT_HEADER_TIMEOUT),
         body_timeout=s.get("body_timeout", _positive_duration, m.DEFAULT_BODY_TIMEOUT),
         idle_timeout=s.get("idle_timeout", _positive_duration, m.DEFAULT_IDLE_TIMEOUT),
+        upstream_idle_timeout=s.get(
+            "upstream_idle_timeout", _positive_duration, m.DEFAULT_UPSTREAM_IDLE_TIMEOUT
+        ),
     )
     s.finish()
     return cfg

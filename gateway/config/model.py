@@ -38,6 +38,7 @@ DEFAULT_LOGIN_RATE = Rate(20, 1.0)
 DEFAULT_ROUTE_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_UPSTREAM_IDLE_TIMEOUT = 4.0
 DEFAULT_BODY_TIMEOUT = 60.0
 DEFAULT_IDLE_TIMEOUT = 75.0
 MIN_TOKEN_SECRET_BYTES = 32
@@ -83,6 +84,9 @@ class ServerConfig:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    # How long a keep-alive connection to an upstream waits for reuse (nginx's
+    # upstream keepalive_timeout): below the upstreams' own, see upstream_pool.
+    upstream_idle_timeout: float = DEFAULT_UPSTREAM_IDLE_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
