@@ -27,13 +27,14 @@ def pinned(cpus: str | None, argv: list[str]) -> list[str]:
 
 
 def start(args: list[str], cpus: str | None = None, **kwargs: object) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    proc: subprocess.Popen[bytes] = subprocess.Popen(
         pinned(cpus, [sys.executable, "-m", "gateway", *args]),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         **kwargs,  # type: ignore[call-overload]
     )
+    return proc
 
 
 def wait_http(url: str, timeout: float = 20.0) -> None:

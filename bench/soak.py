@@ -589,7 +589,10 @@ class Outcome:
 
 async def soak(setup: Setup, args: argparse.Namespace, target: float, users: list[Any]) -> Outcome:
     seconds = args.warmup + args.minutes * 60
-    pids = lambda: worker_pids(setup.gateway, setup.workers)  # noqa: E731
+
+    def pids() -> list[int]:
+        return worker_pids(setup.gateway, setup.workers)
+
     pids_start = pids()
     await asyncio.sleep(2)  # the set-up's connections closed
     idle_before = sample(pids_start, 0.0)
@@ -603,7 +606,7 @@ async def soak(setup: Setup, args: argparse.Namespace, target: float, users: lis
     }
     spec_path = setup.tmp / "load.json"
     spec_path.write_text(json.dumps(spec))
-    tally, samples = Tally(), []
+    tally, samples = Tally(), list[Sample]()
     timeout = aiohttp.ClientTimeout(total=None, sock_read=30)
     loads = [
         await asyncio.create_subprocess_exec(

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -74,7 +75,7 @@ async def run(size_mib: int) -> None:
             headers = {"Authorization": f"Bearer {token}"}
             base = f"http://127.0.0.1:{gw_port}"
 
-            async def body():  # type: ignore[no-untyped-def]
+            async def body() -> AsyncIterator[bytes]:
                 for _ in range(size_mib):
                     yield BLOCK
 
