@@ -11,17 +11,41 @@ import pytest
 from tests.conftest import StartGateway
 
 
-class ClosingUpstream:
-    """A raw HTTP/1.1 upstream that answers each connection's first request with a
-    keep-alive response and then closes the connection after `linger` seconds,
-    like a backend whose keep-alive timeout is shorter than the gateway's."""
+class RawUpstream:
+    """A raw HTTP/1.1 upstream on loopback: ``handle`` serves each connection."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def serving(self) -> AsyncIterator[None]:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        yield
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.sleep(0.1)  # let closing handlers finish
+        await self.server.wait_closed()
+
+
+class ClosingUpstream(RawUpstream):
+    """Answers each connection's first request with a keep-alive response and then
+    closes the connection after `linger` seconds, like a backend whose keep-alive
+    timeout is shorter than the gateway's."""
 
     def __init__(self, linger: float) -> None:
+        super().__init__()
         self.linger = linger
         self.connections = 0
         self.requests: list[bytes] = []
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -33,22 +57,12 @@ class ClosingUpstream:
         await asyncio.sleep(self.linger)
         writer.close()
 
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
 
 @pytest.fixture
 async def closing_upstream() -> AsyncIterator[ClosingUpstream]:
     upstream = ClosingUpstream(linger=0.05)
-    upstream.server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
-    yield upstream
-    upstream.server.close()
-    for writer in upstream.writers:
-        writer.close()
-    await asyncio.sleep(0.1)  # let closing handlers finish
-    await upstream.server.wait_closed()
+    async for _ in upstream.serving():
+        yield upstream
 
 
 async def test_keep_alive_connections_are_reused(start_gateway: StartGateway) -> None:
@@ -123,18 +137,19 @@ async def test_post_on_a_connection_closed_by_upstream_is_not_retried(
         assert status == 502 and body is not None and body["error"] == "upstream_unavailable"
 
 
-class KeepAliveUpstream:
-    """A raw HTTP/1.1 upstream that keeps every connection open for as long as the
-    client does, and records when the client (the gateway) closes one."""
+class KeepAliveUpstream(RawUpstream):
+    """Keeps every connection open for as long as the client does, and records
+    when the client (the gateway) closes one."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.opened: list[float] = []
         self.closed: list[float] = []  # the loop time of each EOF from the gateway
-        self.server: asyncio.Server | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
         self.opened.append(loop.time())
+        self.writers.append(writer)
         while True:
             try:
                 await reader.readuntil(b"\r\n\r\n")
@@ -145,19 +160,12 @@ class KeepAliveUpstream:
         self.closed.append(loop.time())
         writer.close()
 
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
 
 @pytest.fixture
 async def keepalive_upstream() -> AsyncIterator[KeepAliveUpstream]:
     upstream = KeepAliveUpstream()
-    upstream.server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
-    yield upstream
-    upstream.server.close()
-    await upstream.server.wait_closed()
+    async for _ in upstream.serving():
+        yield upstream
 
 
 async def test_an_idle_upstream_connection_is_closed_after_upstream_idle_timeout(
