@@ -33,6 +33,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from gateway.wechat import fake
+from tests.client import bearer
 from tests.conftest import Running, StartGateway, free_port
 from tests.rawhttp import Response as Reply
 from tests.rawhttp import request_once
@@ -96,10 +97,6 @@ def assert_identity(answer: Answer, openid: str, unionid: str | None = None) -> 
         assert answer.headers.getall("X-UnionId") == [unionid]
     if answer.body is not None:
         assert answer.body == {"openid": openid, "unionid": unionid}
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def uri(value: str, token: str | None = None) -> dict[str, str]:

@@ -17,7 +17,6 @@ import sqlite3
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,12 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDict
 
 from gateway.storage.base import UserRecord
 from gateway.storage.sqlite import SQLiteStorage
 from gateway.wechat import fake
 from gateway.wechat.crypto import encrypt_payload
+from tests.client import Reply, bearer, send
 from tests.conftest import APPID, TOKEN_SECRET, Running, StartGateway, base_config, free_port
 from tests.procs import GatewayProcess, wait_healthy, write_config
 from tests.upstream import Recorder
@@ -43,28 +42,8 @@ IV = base64.b64encode(bytes(range(16))).decode()
 # -- helpers -------------------------------------------------------------------
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: CIMultiDict[str]
-    raw: bytes
-
-    @property
-    def body(self) -> Any:
-        return json.loads(self.raw)
-
-
-async def send(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> Reply:
-    async with http.request(method, url, **kwargs) as resp:
-        return Reply(resp.status, resp.headers.copy(), await resp.read())
-
-
 async def login(http: aiohttp.ClientSession, base: str, code: Any) -> Reply:
     return await send(http, "POST", base + "/auth/login", json={"code": code})
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def fake_stats(http: aiohttp.ClientSession, wechat: TestServer) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from multidict import CIMultiDict
 
 from gateway.wechat import fake
 from gateway.wechat.access_token import LEASE
 from gateway.wechat.crypto import encrypt_payload
+from tests.client import Reply, bearer, send
 from tests.conftest import APPID, Running, StartGateway, base_config, free_port
 from tests.procs import GatewayProcess, wait_healthy, write_config
 
@@ -36,26 +35,6 @@ PHONE_KEYS = {"phone_number", "pure_phone_number", "country_code"}
 IV = base64.b64encode(bytes(range(16))).decode()
 
 # -- helpers -------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: CIMultiDict[str]
-    raw: bytes
-
-    @property
-    def body(self) -> Any:
-        return json.loads(self.raw)
-
-
-async def send(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> Reply:
-    async with http.request(method, url, **kwargs) as resp:
-        return Reply(resp.status, resp.headers.copy(), await resp.read())
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def login(http: aiohttp.ClientSession, base: str, code: str) -> str:

@@ -19,34 +19,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDict
 
 from gateway.wechat import fake
+from tests.client import Reply, bearer, send
 from tests.conftest import Running, StartGateway, base_config, free_port
 from tests.procs import GatewayProcess, children, wait_healthy, write_config
 from tests.upstream import Recorder
 
 # -- helpers -------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: CIMultiDict[str]
-    raw: bytes
-
-    @property
-    def body(self) -> Any:
-        return json.loads(self.raw)
-
-
-async def send(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> Reply:
-    async with http.request(method, url, **kwargs) as resp:
-        return Reply(resp.status, resp.headers.copy(), await resp.read())
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 async def login(http: aiohttp.ClientSession, base: str, code: str) -> dict[str, Any]:
