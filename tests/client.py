@@ -29,3 +29,13 @@ async def send(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
+    """The contract's error shape: JSON with a stable `error` and a human `message`."""
+    assert reply.status == status, reply.raw
+    assert reply.headers["Content-Type"].startswith("application/json")
+    body: dict[str, Any] = reply.body
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str) and body["message"].strip()
+    return body

@@ -29,7 +29,7 @@ from gateway.storage.base import UserRecord
 from gateway.storage.sqlite import SQLiteStorage
 from gateway.wechat import fake
 from gateway.wechat.crypto import encrypt_payload
-from tests.client import Reply, bearer, send
+from tests.client import Reply, assert_error, bearer, send
 from tests.conftest import APPID, TOKEN_SECRET, Running, StartGateway, base_config, free_port
 from tests.procs import GatewayProcess, wait_healthy, write_config
 from tests.upstream import Recorder
@@ -51,16 +51,6 @@ async def fake_stats(http: aiohttp.ClientSession, wechat: TestServer) -> dict[st
         assert resp.status == 200
         stats: dict[str, Any] = await resp.json()
         return stats
-
-
-def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
-    """The contract's error shape: JSON with a stable `error` and a human `message`."""
-    assert reply.status == status, reply.raw
-    assert reply.headers["Content-Type"].startswith("application/json")
-    body: dict[str, Any] = reply.body
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"].strip()
-    return body
 
 
 async def read_user(db: Path, openid: str) -> UserRecord | None:

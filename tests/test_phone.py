@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from gateway.wechat import fake
 from gateway.wechat.access_token import LEASE
 from gateway.wechat.crypto import encrypt_payload
-from tests.client import Reply, bearer, send
+from tests.client import Reply, assert_error, bearer, send
 from tests.conftest import APPID, Running, StartGateway, base_config, free_port
 from tests.procs import GatewayProcess, wait_healthy, write_config
 
@@ -56,15 +56,6 @@ async def me(http: aiohttp.ClientSession, base: str, token: str) -> dict[str, An
     reply = await send(http, "GET", base + "/auth/me", headers=bearer(token))
     assert reply.status == 200, reply.raw
     body: dict[str, Any] = reply.body
-    return body
-
-
-def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
-    assert reply.status == status, reply.raw
-    assert reply.headers["Content-Type"].startswith("application/json")
-    body: dict[str, Any] = reply.body
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"].strip()
     return body
 
 

@@ -21,7 +21,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.wechat import fake
-from tests.client import Reply, bearer, send
+from tests.client import assert_error, bearer, send
 from tests.conftest import Running, StartGateway, base_config, free_port
 from tests.procs import GatewayProcess, children, wait_healthy, write_config
 from tests.upstream import Recorder
@@ -33,15 +33,6 @@ async def login(http: aiohttp.ClientSession, base: str, code: str) -> dict[str, 
     reply = await send(http, "POST", base + "/auth/login", json={"code": code})
     assert reply.status == 200, reply.raw
     body: dict[str, Any] = reply.body
-    return body
-
-
-def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
-    assert reply.status == status, reply.raw
-    assert reply.headers["Content-Type"].startswith("application/json")
-    body: dict[str, Any] = reply.body
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"].strip()
     return body
 
 
