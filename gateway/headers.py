@@ -188,28 +188,32 @@ class HeaderRules:
                 out.append(self._unionid_prefix + _enc(unionid) + b"\r\n")
         return out
 
-    def downstream_response(self, upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-        """Upstream response headers minus hop-by-hop ones; every Set-Cookie kept."""
-        drop = (
-            self._drop_out | connection_tokens(upstream)
-            if "Connection" in upstream
-            else self._drop_out
-        )
-        return CIMultiDict((k, v) for k, v in upstream.items() if fold(k) not in drop)
+    def downstream_lines(
+        self, raw: tuple[tuple[bytes, bytes], ...], request_id: bytes
+    ) -> list[bytes]:
+        """The upstream's response header lines minus hop-by-hop ones (every
+        Set-Cookie kept), ready for the wire with no decode and re-encode, without
+        the framing fields (Content-Length is re-set by whoever frames the answer).
 
-    def downstream_lines(self, raw: tuple[tuple[bytes, bytes], ...]) -> list[bytes]:
-        """The same filter on the upstream's raw header lines, ready for the wire
-        (no decode and re-encode per response), without the framing fields
-        (Content-Length is re-set by whoever frames the answer)."""
+        ``X-Request-Id`` is added unless the upstream sent its own: its headers
+        pass unchanged, and the client gets exactly one id (an upstream that
+        echoes the id it received sends the same value)."""
         drop = self._drop_out_raw
+        has_id = False
         for name, value in raw:
-            if name.lower() == b"connection":
+            folded = name.lower()
+            if folded == b"connection":
                 drop = drop | {t.strip().lower().replace(b"_", b"-") for t in value.split(b",")}
-        return [
+            elif folded == b"x-request-id":
+                has_id = True
+        lines = [
             name + b": " + value + b"\r\n"
             for name, value in raw
             if name.lower().replace(b"_", b"-") not in drop
         ]
+        if not has_id or b"x-request-id" in drop:
+            lines.append(b"X-Request-Id: " + request_id + b"\r\n")
+        return lines
 
     @staticmethod
     def length_lines(raw: tuple[tuple[bytes, bytes], ...]) -> list[bytes]:

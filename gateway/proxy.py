@@ -271,9 +271,7 @@ class _FastExchange:
 
 
 def _answer_lines(fwd: Forwarding, message: RawResponseMessage) -> list[bytes]:
-    lines = fwd.rules.downstream_lines(message.raw_headers)
-    lines.append(b"X-Request-Id: " + fwd.request_id.encode() + b"\r\n")
-    return lines
+    return fwd.rules.downstream_lines(message.raw_headers, fwd.request_id.encode())
 
 
 def _send_whole(
@@ -376,14 +374,17 @@ async def proxy_websocket(
     upstream_ws = None
     for target in route.balancer.candidates():
         try:
-            upstream_ws = await client.session.ws_connect(
-                _url(target, path, query),
-                headers=headers,
-                protocols=protocols,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
-                max_msg_size=route.max_body,
-                autoping=True,
-            )
+            # The route timeout bounds the handshake as it bounds a response
+            # head: the session itself has no timeout (bodies stream for long).
+            async with asyncio.timeout(route.timeout):
+                upstream_ws = await client.session.ws_connect(
+                    _url(target, path, query),
+                    headers=headers,
+                    protocols=protocols,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+                    max_msg_size=route.max_body,
+                    autoping=True,
+                )
             break
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
             route.balancer.mark_dead(target)

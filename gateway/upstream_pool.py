@@ -174,14 +174,20 @@ class UpstreamConnection(BaseProtocol):
             self._fail(ExchangeFailed())
             self.close()
             return
-        if messages:
-            self.message, self.payload = messages[0]
+        for message, payload in messages:
+            if 100 <= message.code < 200 and message.code != 101:
+                # An interim answer (100 Continue, 103 Early Hints): the final
+                # one follows on this exchange. Dropped, as nginx does: passing
+                # it on as the answer would leave the client waiting forever.
+                continue
+            self.message, self.payload = message, payload
             callback = self._on_head
             self._on_head = None
             if callback is not None:
                 callback(self.message, self.payload, None)
-            if self.payload is not None and self.payload.is_eof():
+            if payload.is_eof():
                 self._timing = False
+            break
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)

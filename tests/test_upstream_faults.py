@@ -854,3 +854,114 @@ async def test_client_disconnecting_mid_download_leaves_the_gateway_working(
             got += len(chunk)
     assert got == 8 * MIB
     assert seen.last.raw_path == "/public/after/4"
+
+
+# -- interim (1xx) answers, WebSocket handshake timeout, the upstream's own X-Request-Id ---
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["one-segment", "apart"])
+@pytest.mark.parametrize(
+    ("method", "interim", "final"),
+    [
+        ("GET", b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\n", 200),
+        ("POST", b"HTTP/1.1 100 Continue\r\n\r\n", 201),
+        ("GET", b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n", 200),
+    ],
+    ids=["103", "100", "102-then-103"],
+)
+async def test_interim_1xx_answers_are_dropped_and_the_final_one_arrives(
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory,
+    method: str,
+    interim: bytes,
+    final: int,
+    together: bool,
+) -> None:
+    async def handler(
+        _: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    await reader.readexactly(int(line.split(b":", 1)[1]))
+            answer = b"HTTP/1.1 %d Done\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nfinal" % final
+            if together:
+                w.write(interim + answer)
+            else:
+                w.write(interim)
+                await w.drain()
+                await asyncio.sleep(0.1)
+                w.write(answer)
+            await w.drain()
+
+    up = await raw_upstream(handler)
+    gw = await start_gateway(routes=[route("/i/", up.url)])
+    for _ in range(2):  # and the connection is reused cleanly after it
+        async with http.request(
+            method,
+            gw.url + "/i/x",
+            data=b"hello" if method == "POST" else None,
+            timeout=aiohttp.ClientTimeout(total=10),  # before the fix: the client hung
+        ) as resp:
+            body = await resp.read()
+            assert resp.status == final, (resp.status, body)
+            assert body == b"final" and resp.headers["X-Final"] == "yes"
+            assert "Link" not in resp.headers  # the interim answer's headers are not merged in
+    assert up.connections == 1
+
+
+async def test_websocket_handshake_slower_than_route_timeout_is_504(
+    start_gateway: StartGateway, http: aiohttp.ClientSession, raw_upstream: RawUpstreamFactory
+) -> None:
+    async def silent(
+        up: RawUpstream, reader: asyncio.StreamReader, _: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await up.release.wait()  # accepts the connection, never answers the handshake
+
+    up = await raw_upstream(silent)
+    gw = await start_gateway(routes=[route("/ws/", up.url, websocket=True, timeout="800ms")])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    headers = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    # Bounded: before the fix the gateway never answered.
+    async with http.get(
+        gw.url + "/ws/x", headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+    ) as resp:
+        elapsed = loop.time() - started
+        assert resp.status == 504
+        assert await error_of(resp) == "upstream_timeout"
+    assert up.connections == 1
+    assert 0.7 <= elapsed < 4.0, f"504 after {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("body", [b"ok", b""], ids=["whole", "empty"])
+async def test_an_upstream_x_request_id_is_passed_and_not_doubled(
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory,
+    body: bytes,
+) -> None:
+    async def handler(
+        _: RawUpstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            w.write(
+                b"HTTP/1.1 200 OK\r\nX-Request-Id: from-upstream\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            await w.drain()
+
+    up = await raw_upstream(handler)
+    gw = await start_gateway(routes=[route("/r/", up.url)])
+    async with http.get(gw.url + "/r/x", headers={"X-Request-Id": "from-client"}) as resp:
+        assert resp.status == 200 and await resp.read() == body
+        assert resp.headers.getall("X-Request-Id") == ["from-upstream"]
