@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         if workers <= 1:
             return server.run_worker(config, config_path=args.config)
         supervisor = server.Supervisor(
-            server.worker_argv(args.config), workers, config.server.shutdown_grace
+            server.worker_argv(args.config),
+            workers,
+            config.server.drain_delay + config.server.shutdown_grace,
         )
         return supervisor.run()
     if args.command == "fake-wechat":

@@ -141,9 +141,17 @@ class Listener:
             await asyncio.sleep(0.05)
         await gateway.close()
 
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to shutdown_grace), close."""
+    async def stop(self, drain_delay: float = 0.0) -> None:
+        """Answer /readyz 503; after ``drain_delay`` stop accepting; let in-flight
+        requests finish (up to shutdown_grace); close."""
         self.gateway.draining = True
+        if drain_delay > 0 and self._server is not None and self._http is not None:
+            # Still accepting and serving, so a balancer polling /readyz sees the
+            # 503 and takes this instance out before connections are refused.
+            # Every answer now says Connection: close, so clients reconnect
+            # (elsewhere, once the balancer knows).
+            self._http.draining = True
+            await asyncio.sleep(drain_delay)
         if self._server is not None:
             self._server.close()
         if self._http is not None:
@@ -172,9 +180,16 @@ async def serve(
     """Run one worker until SIGTERM/SIGINT (or until its supervisor is gone);
     SIGHUP re-reads the configuration."""
     stop = asyncio.Event()
+    interrupted = False  # Ctrl-C: someone at a terminal, no balancer to tell
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
     listener = Listener(config, reuse_port=reuse_port, config_path=config_path)
     await listener.start()
     reloads: set[asyncio.Task[bool]] = set()
@@ -207,7 +222,7 @@ async def serve(
             watchdog.cancel()
         for task in list(reloads):
             await task
-        await listener.stop()
+        await listener.stop(0.0 if interrupted else listener.config.server.drain_delay)
 
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:

@@ -33,7 +33,9 @@ def base_config(
 ) -> dict[str, Any]:
     """A raw config dict (as YAML would give) that tests adjust before building."""
     raw: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace": "2s"},
+        # The drain delay has its own tests (tests/test_lifecycle.py); elsewhere it
+        # would only add a second to every gateway process stopped.
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace": "2s", "drain_delay": 0},
         "wechat": {
             "appid": APPID,
             "secret": "wechat-secret-value",

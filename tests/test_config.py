@@ -34,6 +34,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert cfg.server.max_body == 10 * 1024 * 1024
     assert cfg.server.shutdown_grace == 10
     assert cfg.server.upstream_idle_timeout == 4
+    assert cfg.server.drain_delay == 1
     assert cfg.wechat.api_base == "https://api.weixin.qq.com"
     assert cfg.wechat.timeout == 5 and cfg.wechat.fake is False
     assert cfg.token.ttl == 7200 and cfg.token.header == "Authorization"

@@ -1,8 +1,9 @@
 """SIGTERM drain, against real `python -m gateway run` processes and a slow,
 streaming upstream on loopback.
 
-The behaviour under test: on SIGTERM the gateway stops accepting at once,
-`/readyz` turns 503, idle keep-alive connections are closed, requests and
+The behaviour under test: on SIGTERM `/readyz` turns 503 at once; after
+`server.drain_delay` (0 here unless a test says otherwise) the gateway stops
+accepting, idle keep-alive connections are closed, requests and
 streams already under way finish within `server.shutdown_grace` (and are cut at
 its end), and the process exits 0. With `workers > 1` the supervisor passes the
 signal to every worker and each drains its own requests.
@@ -127,13 +128,19 @@ class Gateway:
 
 
 async def launch(
-    tmp_path: Path, upstream: TestServer, wechat: TestServer, *, grace: str, workers: int = 1
+    tmp_path: Path,
+    upstream: TestServer,
+    wechat: TestServer,
+    *,
+    grace: str,
+    workers: int = 1,
+    drain_delay: str = "0s",
 ) -> Gateway:
     port = free_port()
     raw = base_config(
         tmp_path, str(upstream.make_url("")).rstrip("/"), str(wechat.make_url("")).rstrip("/")
     )
-    raw["server"].update(port=port, shutdown_grace=grace, workers=workers)
+    raw["server"].update(port=port, shutdown_grace=grace, workers=workers, drain_delay=drain_delay)
     raw["routes"] = [
         {
             "prefix": "/up/",
@@ -592,3 +599,84 @@ async def test_sigterm_reaches_every_worker_and_each_drains(
     # exited by themselves.
     assert exited < grace + MARGIN, f"exited {exited:.2f} s after SIGTERM (grace {grace} s)"
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers), output
+
+
+# -- (f) server.drain_delay: still accepting, /readyz 503, then the drain -----------------
+
+
+async def test_during_drain_delay_new_connections_are_served_and_readyz_is_503(
+    tmp_path: Path, slow_upstream: TestServer, wechat: TestServer
+) -> None:
+    delay = 1.5
+    gw = await launch(tmp_path, slow_upstream, wechat, grace="3s", drain_delay="1.5s")
+    held = await RawConn.open(gw.port)
+    try:
+        await held.send(get("/readyz"))
+        ready = await held.response()
+        assert ready.status == 200 and ready.headers.get("connection") != "close"
+        signalled = gw.sigterm()
+        await asyncio.sleep(0.2)  # the signal handled
+        # A keep-alive connection opened before the signal can still ask.
+        await held.send(get("/readyz"))
+        draining = await held.response()
+        assert draining.status == 503 and draining.json()["error"] == "not_ready", draining
+        assert draining.headers.get("connection") == "close"
+        # New connections are still accepted: /readyz is 503, proxied requests served,
+        # every answer closing its connection so that clients reconnect elsewhere.
+        fresh = await RawConn.open(gw.port)
+        await fresh.send(get("/readyz"))
+        answer = await fresh.response()
+        fresh.close()
+        assert answer.status == 503 and answer.headers.get("connection") == "close"
+        fresh = await RawConn.open(gw.port)
+        await fresh.send(get("/up/slow?ms=10"))
+        served = await fresh.response()
+        fresh.close()
+        assert served.status == 200 and served.body == SLOW_BODY
+        assert served.headers.get("connection") == "close"
+        assert time.monotonic() - signalled < delay, "the checks took longer than the delay"
+        # Then the listener closes, and (nothing in flight) the process exits.
+        polling = time.monotonic()
+        refused_after = await refused_within(
+            gw.port, lambda: gw.proc.proc.poll() is None, delay + PROMPT
+        )
+        refused_at = polling + refused_after - signalled
+        code = await gw.exit_code(10)
+    finally:
+        held.close()
+        gw.proc.stop(signal.SIGKILL)
+    print(f"new connections refused {refused_at:.3f} s after SIGTERM (delay {delay} s)")
+    assert refused_at <= delay + PROMPT
+    assert code == 0, gw.proc.output()
+
+
+async def test_listener_stays_open_for_the_whole_drain_delay(
+    tmp_path: Path, slow_upstream: TestServer, wechat: TestServer
+) -> None:
+    gw = await launch(tmp_path, slow_upstream, wechat, grace="3s", drain_delay="1.2s")
+    try:
+        signalled = gw.sigterm()
+        refused_after = await refused_within(gw.port, lambda: gw.proc.proc.poll() is None, 3.0)
+        code = await gw.exit_code(10)
+        exited = time.monotonic() - signalled
+    finally:
+        gw.proc.stop(signal.SIGKILL)
+    print(f"refused {refused_after:.3f} s after SIGTERM, exited after {exited:.3f} s")
+    assert refused_after >= 1.0, f"refused after {refused_after:.3f} s, before the 1.2 s delay"
+    assert exited < 1.2 + MARGIN, f"exited {exited:.2f} s after SIGTERM"
+    assert code == 0, gw.proc.output()
+
+
+async def test_sigint_skips_the_drain_delay(
+    tmp_path: Path, slow_upstream: TestServer, wechat: TestServer
+) -> None:
+    gw = await launch(tmp_path, slow_upstream, wechat, grace="3s", drain_delay="5s")
+    try:
+        gw.proc.proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        code = await gw.exit_code(10)
+        exited = time.monotonic() - interrupted
+    finally:
+        gw.proc.stop(signal.SIGKILL)
+    assert code == 0, gw.proc.output()
+    assert exited < 3.0, f"Ctrl-C waited {exited:.2f} s: the 5 s drain delay was not skipped"

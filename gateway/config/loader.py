@@ -317,6 +317,7 @@ def _server(raw: Any, errors: list[str]) -> m.ServerConfig:
         max_body=s.get("max_body", parse_size, m.DEFAULT_MAX_BODY),
         trusted_proxies=s.get("trusted_proxies", _list_of(_cidr), ()),
         shutdown_grace=s.get("shutdown_grace", parse_duration, m.DEFAULT_SHUTDOWN_GRACE),
+        drain_delay=s.get("drain_delay", parse_duration, m.DEFAULT_DRAIN_DELAY),
         max_connections=s.get(
             "max_connections", _int_range(1, 1_000_000), m.DEFAULT_MAX_CONNECTIONS
         ),

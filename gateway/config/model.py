@@ -26,6 +26,7 @@ DEFAULT_PORT = 8080
 DEFAULT_WORKERS = 1
 DEFAULT_MAX_BODY = 10 * 1024**2
 DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_DRAIN_DELAY = 1.0
 DEFAULT_WECHAT_API_BASE = "https://api.weixin.qq.com"
 DEFAULT_WECHAT_TIMEOUT = 5.0
 DEFAULT_TOKEN_TTL = 2 * 3600.0
@@ -78,6 +79,10 @@ class ServerConfig:
     max_body: int = DEFAULT_MAX_BODY
     trusted_proxies: tuple[IPNetwork, ...] = ()
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    # On SIGTERM, how long the listener stays open answering /readyz 503 before
+    # the drain (HAProxy's `grace`, Traefik's requestAcceptGraceTimeout): the
+    # contract's "503 from the moment a shutdown starts" must be observable.
+    drain_delay: float = DEFAULT_DRAIN_DELAY
     # Beyond the contract (docs/configuration.md): per-worker connection cap and
     # client timeouts, as HAProxy's maxconn / timeout http-request / client.
     max_connections: int = DEFAULT_MAX_CONNECTIONS
