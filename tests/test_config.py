@@ -193,6 +193,20 @@ def test_all_problems_reported_at_once_with_paths() -> None:
     assert len(found) == 7
 
 
+def test_each_bad_list_item_is_its_own_line_under_its_own_path() -> None:
+    raw = minimal(
+        server={"trusted_proxies": ["10.0.0.0/8", "nope", "10.0.0.0/33"]},
+        routes=[{"prefix": "/a/", "upstream": ["http://h:1", "ftp://x", "http://h:2", "y"]}],
+    )
+    found = problems(raw)
+    assert found == [
+        "server.trusted_proxies[1]: 'nope' is not an IP address or CIDR",
+        "server.trusted_proxies[2]: '10.0.0.0/33' is not an IP address or CIDR",
+        "routes[0].upstream[1]: 'ftp://x' is not a URL (want http:// or https:// with a host)",
+        "routes[0].upstream[3]: 'y' is not a URL (want http:// or https:// with a host)",
+    ], found
+
+
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
@@ -200,7 +214,7 @@ def test_all_problems_reported_at_once_with_paths() -> None:
         (lambda r: r["token"].update(secret="short"), "token.secret: must be at least 32 bytes"),
         (
             lambda r: r["token"].update(previous_secrets=["short"]),
-            "token.previous_secrets: [0] must be at least 32 bytes",
+            "token.previous_secrets[0]: must be at least 32 bytes",
         ),
         (
             lambda r: r["token"].update(header="Bad Header"),
@@ -210,7 +224,7 @@ def test_all_problems_reported_at_once_with_paths() -> None:
         (lambda r: r["wechat"].update(fake="maybe"), "wechat.fake: must be true or false"),
         (
             lambda r: r.update(server={"trusted_proxies": ["10.0.0.0/33"]}),
-            "server.trusted_proxies: [0] '10.0.0.0/33' is not an IP address or CIDR",
+            "server.trusted_proxies[0]: '10.0.0.0/33' is not an IP address or CIDR",
         ),
         (lambda r: r.update(server={"workers": 0}), "server.workers: must be between 1 and 256"),
         (

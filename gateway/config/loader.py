@@ -117,9 +117,11 @@ class _Section:
             return default if default is not _REQUIRED else cast(T, None)
         try:
             return parse(value)
+        except _ItemProblems as exc:
+            self.errors.extend(f"{self.key(key)}[{i}]: {message}" for i, message in exc.problems)
         except (ValueError, TypeError) as exc:
             self.errors.append(f"{self.key(key)}: {exc}")
-            return default if default is not _REQUIRED else cast(T, None)
+        return default if default is not _REQUIRED else cast(T, None)
 
     def key(self, key: str) -> str:
         return _join(self.path, key)
@@ -224,6 +226,15 @@ def _token_secret(value: Any) -> m.Secret:
     return secret
 
 
+class _ItemProblems(ValueError):
+    """Bad items of a list: one (index, message) each, reported one line each
+    under the item's own key path (``routes[3].upstream[1]: ...``)."""
+
+    def __init__(self, problems: list[tuple[int, str]]) -> None:
+        super().__init__("; ".join(f"[{i}] {message}" for i, message in problems))
+        self.problems = problems
+
+
 def _list_of(parse: Callable[[Any], T]) -> Callable[[Any], tuple[T, ...]]:
     def parse_list(value: Any) -> tuple[T, ...]:
         if not isinstance(value, list):
@@ -235,9 +246,9 @@ def _list_of(parse: Callable[[Any], T]) -> Callable[[Any], tuple[T, ...]]:
             try:
                 items.append(parse(item))
             except (ValueError, TypeError) as exc:
-                problems.append(f"[{i}] {exc}")
+                problems.append((i, str(exc)))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise _ItemProblems(problems)
         return tuple(items)
 
     return parse_list
