@@ -237,6 +237,11 @@ class Gateway:
     def _forward(
         self, request: Incoming, scope: Scope, route: Route, path: NormalisedPath, query: str
     ) -> Awaitable[web.StreamResponse | None] | None:
+        upgrade = proxy.is_upgrade(request)
+        if upgrade and not (route.websocket and proxy.is_websocket_upgrade(request)):
+            # Before the token: the route cannot take this request whoever sends
+            # it (contract section 8: 400, and nothing reaches the upstream).
+            raise BadRequest("Upgrade is not allowed on this route.")
         scope.identity = identity = self.identity.for_route(request.headers, route.auth)
         if identity is not None:
             request.openid = identity.openid
@@ -248,9 +253,6 @@ class Gateway:
                 else "ip:" + self.rules.client_ip(request.headers, request.remote)
             )
             route.limiter.check(key)
-        upgrade = proxy.is_upgrade(request)
-        if upgrade and not (route.websocket and proxy.is_websocket_upgrade(request)):
-            raise BadRequest("Upgrade is not allowed on this route.")
         upstream_path = route.upstream_path(path)
         openid = identity.openid if identity else None
         unionid = identity.unionid if identity else None

@@ -125,6 +125,12 @@ async def test_upgrade_on_non_websocket_route_is_400(
     async with http.get(gw.url + "/public/ws", headers=headers) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"] == "bad_request"
+    # On a route that needs a token, the answer is the same with or without one:
+    # the route cannot take an upgrade whoever asks (checked before the token).
+    for auth in ({}, gw.auth("o-up"), {"Authorization": "Bearer not-a-token"}):
+        async with http.get(gw.url + "/opt/ws", headers={**headers, **auth}) as resp:
+            assert resp.status == 400, auth
+            assert (await resp.json())["error"] == "bad_request"
     assert seen.seen == []
 
 
