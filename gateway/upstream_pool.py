@@ -46,7 +46,6 @@ from gateway.batching import WriteBatch
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
 MAX_IDLE_PER_TARGET = 256
-DEFAULT_IDLE_TIMEOUT = 4.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
@@ -247,8 +246,8 @@ class HostPool:
         self,
         host: str,
         port: int,
-        tls: ssl.SSLContext | None = None,
-        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        tls: ssl.SSLContext | None,
+        idle_timeout: float,
     ) -> None:
         self._host = host
         self._port = port
@@ -261,10 +260,9 @@ class HostPool:
         self._sweep_every = idle_timeout / 2
         self._low = 0  # the idle list's lowest length since the last sweep
         self._sweeper: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def connect(self, connect_timeout: float) -> UpstreamConnection:
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
@@ -296,9 +294,9 @@ class HostPool:
     def release(self, conn: UpstreamConnection, *, reuse: bool) -> None:
         if reuse and conn.transport is not None and len(self._idle) < MAX_IDLE_PER_TARGET:
             self._idle.append(conn)
-            if self._sweeper is None and self._loop is not None:
+            if self._sweeper is None:
                 self._low = len(self._idle) - 1  # only what is idle from now on counts
-                self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+                self._arm_sweep()
         else:
             conn.close()
 
@@ -307,11 +305,13 @@ class HostPool:
         for conn in stale:
             conn.close()
         self._low = len(self._idle)
-        self._sweeper = (
-            self._loop.call_later(self._sweep_every, self._sweep)
-            if self._idle and self._loop is not None
-            else None
-        )
+        self._sweeper = None
+        if self._idle:
+            self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        # Only ever called from the loop (a release, a sweep): no loop to store.
+        self._sweeper = asyncio.get_running_loop().call_later(self._sweep_every, self._sweep)
 
     def close(self) -> None:
         if self._sweeper is not None:
@@ -481,7 +481,7 @@ def build_head(
 class UpstreamPools:
     """One HostPool per (host, port), created on first use."""
 
-    def __init__(self, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+    def __init__(self, idle_timeout: float) -> None:
         self._pools: dict[tuple[str, str, int], HostPool] = {}
         self._tls: ssl.SSLContext | None = None
         self._idle_timeout = idle_timeout
