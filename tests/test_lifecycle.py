@@ -610,10 +610,15 @@ async def test_during_drain_delay_new_connections_are_served_and_readyz_is_503(
     delay = 1.5
     gw = await launch(tmp_path, slow_upstream, wechat, grace="3s", drain_delay="1.5s")
     held = await RawConn.open(gw.port)
+    http = aiohttp.ClientSession()
     try:
         await held.send(get("/readyz"))
         ready = await held.response()
         assert ready.status == 200 and ready.headers.get("connection") != "close"
+        # In flight past the delay: the process is still up (draining) when the
+        # listener closes, so a refusal below is the listener's, not an exit.
+        slowing = asyncio.create_task(fetch(http, gw.url + "/up/slow?ms=3000", asyncio.Event()))
+        await until(lambda: arrivals(slow_upstream).slow == 1, "the slow request upstream")
         signalled = gw.sigterm()
         await asyncio.sleep(0.2)  # the signal handled
         # A keep-alive connection opened before the signal can still ask.
@@ -635,18 +640,21 @@ async def test_during_drain_delay_new_connections_are_served_and_readyz_is_503(
         assert served.status == 200 and served.body == SLOW_BODY
         assert served.headers.get("connection") == "close"
         assert time.monotonic() - signalled < delay, "the checks took longer than the delay"
-        # Then the listener closes, and (nothing in flight) the process exits.
+        # Then the listener closes; the request in flight still finishes.
         polling = time.monotonic()
         refused_after = await refused_within(
             gw.port, lambda: gw.proc.proc.poll() is None, delay + PROMPT
         )
         refused_at = polling + refused_after - signalled
+        slow_result = await slowing
         code = await gw.exit_code(10)
     finally:
         held.close()
+        await http.close()
         gw.proc.stop(signal.SIGKILL)
     print(f"new connections refused {refused_at:.3f} s after SIGTERM (delay {delay} s)")
     assert refused_at <= delay + PROMPT
+    assert slow_result.status == 200 and slow_result.body == SLOW_BODY, slow_result
     assert code == 0, gw.proc.output()
 
 
@@ -655,15 +663,21 @@ async def test_listener_stays_open_for_the_whole_drain_delay(
 ) -> None:
     gw = await launch(tmp_path, slow_upstream, wechat, grace="3s", drain_delay="1.2s")
     try:
-        signalled = gw.sigterm()
-        refused_after = await refused_within(gw.port, lambda: gw.proc.proc.poll() is None, 3.0)
+        async with aiohttp.ClientSession() as http:
+            # In flight past the delay, so the process outlives the listener.
+            slowing = asyncio.create_task(fetch(http, gw.url + "/up/slow?ms=2500", asyncio.Event()))
+            await until(lambda: arrivals(slow_upstream).slow == 1, "the slow request upstream")
+            signalled = gw.sigterm()
+            refused_after = await refused_within(gw.port, lambda: gw.proc.proc.poll() is None, 3.0)
+            slow_result = await slowing
         code = await gw.exit_code(10)
         exited = time.monotonic() - signalled
     finally:
         gw.proc.stop(signal.SIGKILL)
     print(f"refused {refused_after:.3f} s after SIGTERM, exited after {exited:.3f} s")
     assert refused_after >= 1.0, f"refused after {refused_after:.3f} s, before the 1.2 s delay"
-    assert exited < 1.2 + MARGIN, f"exited {exited:.2f} s after SIGTERM"
+    assert slow_result.status == 200 and slow_result.body == SLOW_BODY, slow_result
+    assert exited < 2.5 + MARGIN, f"exited {exited:.2f} s after SIGTERM"
     assert code == 0, gw.proc.output()
 
 
