@@ -247,7 +247,9 @@ async def refused_within(port: int, alive: Callable[[], bool], timeout: float) -
     while True:
         try:
             conn = await RawConn.open(port)
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
+            # A reset during connect is the kernel dropping a connection the
+            # closing listener had queued: not accepted, like a refusal.
             assert alive(), "the listener closed only because the process had exited"
             return time.monotonic() - started
         try:
