@@ -20,6 +20,7 @@ import asyncio
 import collections
 import http
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
@@ -28,7 +29,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.http_parser import HttpParser, HttpRequestParser, RawRequestMessage
 from aiohttp.http_websocket import WebSocketReader
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -45,15 +46,39 @@ MAX_HEADERS = 128
 # Pipelined requests parsed ahead of the one being served; past this the socket
 # is not read until the queue drains (a client cannot make us buffer without end).
 MAX_QUEUED = 32
-# After an answer sent before its request body was read, how long the rest of
-# the body is read and dropped before the connection is closed anyway.
-LINGER = 2.0
+# After an answer sent before its request body was read (401, 413...), the rest
+# of the body is read and dropped so the client, still sending, gets to read the
+# answer (nginx's lingering close): for at most LINGER_TIME in all, and at most
+# LINGER_TIMEOUT between two reads (nginx's lingering_time and lingering_timeout).
+LINGER_TIME = 30.0
+LINGER_TIMEOUT = 5.0
 # Responses that never carry a body (RFC 9110 6.4.1), whatever their headers say.
 _NO_BODY_STATUS = frozenset({204, 304})
 
 # Answers a request: at once or through a callback (returns None and calls
 # ``request.finish()`` when done), or by returning an awaitable to run as a task.
 Handler = Callable[["Incoming"], Awaitable[None] | None]
+
+
+def _only_chunked(raw_headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """Whether the request's transfer codings are exactly ``chunked``: the
+    gateway applies no other coding and must not forward one as if absent."""
+    codings = [
+        coding.strip().lower()
+        for name, value in raw_headers
+        if name.lower() == b"transfer-encoding"
+        for coding in value.split(b",")
+    ]
+    return codings == [b"chunked"]
+
+
+def _holds_bytes(parser: HttpParser[Any]) -> bool:
+    """Whether ``parser`` has begun a message it has not delivered (read bytes
+    past the last complete one). Spoils the parser: only for one being dropped."""
+    try:
+        return parser.feed_eof() is not None
+    except Exception:
+        return True
 
 
 def _reason(status: int) -> str:
@@ -125,7 +150,9 @@ class Incoming:
         self.headers = message.headers
         self.version = message.version
         self.remote: str | None = protocol.remote
-        self.keep_alive = not message.should_close and not protocol.server.draining
+        self.keep_alive = (
+            not message.should_close and not protocol.server.draining and not protocol.last_served
+        )
         self.responded = False
         self.finished = False
         self.status = 0
@@ -149,6 +176,16 @@ class Incoming:
             self.finished = True
             self.protocol.request_done(self)
 
+    def client_gone(self) -> None:
+        """The client went away before its answer was complete: the request
+        still ends (access log, metrics, in-flight count), with nginx's 499
+        when nothing was answered."""
+        self.keep_alive = False
+        if not self.responded:
+            self.status = 499
+            self.error = self.error or "client_closed"
+        self.finish()
+
     @property
     def content_length(self) -> int | None:
         value = self.headers.get("Content-Length")
@@ -164,9 +201,11 @@ class Incoming:
     ) -> bytes:
         self.responded = True
         self.status = status
-        if self.protocol.server.draining or not self.content.is_eof():
-            # Draining, or answering before the body is in (a 401 on an upload):
-            # the client is told the connection ends with this answer.
+        protocol = self.protocol
+        if protocol.server.draining or not self.content.is_eof() or protocol.last_served:
+            # Draining, answering before the body is in (a 401 on an upload), or
+            # no request after this one can be framed: the client is told the
+            # connection ends with this answer.
             self.keep_alive = False
         if not self.keep_alive:
             connection = b"Connection: close\r\n"
@@ -275,18 +314,7 @@ class HttpProtocol(BaseProtocol):
 
     def __init__(self, server: HttpServer) -> None:
         loop = server.loop
-        parser = HttpRequestParser(
-            self,
-            loop,
-            READ_LIMIT,
-            max_line_size=MAX_LINE,
-            max_headers=MAX_HEADERS,
-            max_field_size=MAX_LINE,
-            payload_exception=RequestPayloadError,
-            # A proxy forwards bodies as sent: Content-Encoding is the upstream's business.
-            auto_decompress=False,
-        )
-        super().__init__(loop, parser)
+        super().__init__(loop, self._new_parser(loop))
         self.loop = loop
         self.server = server
         self.remote: str | None = None
@@ -318,6 +346,33 @@ class HttpProtocol(BaseProtocol):
         self.cancel_on_lost = False
         # Answers held until the end of the loop's pass (gateway.batching).
         self._out: list[bytes] | None = None
+        # The body of the last chunked request this parser read, until it is
+        # complete: then the parser is replaced (see _sever).
+        self._chunked: StreamReader | None = None
+        # Set once no request after the one being parsed may be served: bytes
+        # past it could not be framed exactly. That request is answered with
+        # Connection: close, and what follows is dropped.
+        self.last_served = False
+        # Answer bytes the client has not taken yet (the transport's buffer), and
+        # since when it has taken none: a client that stops reading is cut off
+        # after server.idle_timeout without progress.
+        self._unsent = 0
+        self._unsent_since = 0.0
+        self._lingering = False
+        self._linger_until = 0.0
+
+    def _new_parser(self, loop: asyncio.AbstractEventLoop) -> HttpRequestParser:
+        return HttpRequestParser(
+            self,
+            loop,
+            READ_LIMIT,
+            max_line_size=MAX_LINE,
+            max_headers=MAX_HEADERS,
+            max_field_size=MAX_LINE,
+            payload_exception=RequestPayloadError,
+            # A proxy forwards bodies as sent: Content-Encoding is the upstream's business.
+            auto_decompress=False,
+        )
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -345,10 +400,17 @@ class HttpProtocol(BaseProtocol):
                 self._ws_callback()
             self._ws_parser.feed_data(data)
             return
-        if self._upgraded:
-            self._tail += data
-            return
         if self._stop_reading:
+            if self._lingering:
+                self._linger_on()
+            return
+        if self._upgraded:
+            # The parser took the request for a protocol switch; until the
+            # gateway has decided (a refused upgrade goes back to HTTP), what
+            # follows is held, up to one read's worth, then reading pauses.
+            self._tail += data
+            if len(self._tail) >= READ_LIMIT and not self._buffer_paused:
+                self._pause_reading_for_buffer()
             return
         assert self._parser is not None
         self._last_read = now = self.loop.time()
@@ -362,6 +424,13 @@ class HttpProtocol(BaseProtocol):
         if upgraded:
             self._upgraded = True
             self._tail = tail
+        if self._chunked is not None:
+            messages = self._sever(messages)
+        elif messages and not self._stop_reading:
+            for message, _ in messages:
+                if message.chunked:
+                    messages = self._sever(messages)
+                    break
         if not messages:
             if self._head_since is None and self._current is None and not self._queue and data:
                 # A request head has started to arrive (slowloris clients stop here).
@@ -373,6 +442,52 @@ class HttpProtocol(BaseProtocol):
             if len(self._queue) >= MAX_QUEUED and not self._buffer_paused:
                 self._pause_reading_for_buffer()
             self._process()
+
+    def _sever(self, messages: Any) -> Any:
+        """Give each chunked request's successor a parser of its own.
+
+        llhttp delivers trailer fields (after the last chunk) through the same
+        callbacks as header fields, and aiohttp's parser keeps the last one
+        pending until the *next* message's first header: a trailer would become
+        a header of the next request (an ``Authorization`` included). So once a
+        chunked request is complete, its parser, trailer and all, is dropped and
+        the bytes after it go to a fresh one. Bytes the old parser had already
+        read past that request (pipelined in the same read, rare) cannot be
+        handed over: the connection serves up to the chunked request, answers it
+        with ``Connection: close`` and reads nothing more. Costs a parser per
+        chunked request; requests with a Content-Length keep theirs.
+        """
+        pending = self._chunked
+        kept = messages
+        if pending is None:
+            for index, (message, payload) in enumerate(messages):
+                if not isinstance(message, HttpProcessingError) and message.chunked:
+                    pending = payload
+                    kept, rest = messages[: index + 1], messages[index + 1 :]
+                    break
+            else:
+                return messages
+        else:
+            kept, rest = [], messages
+        if not pending.is_eof() and pending.exception() is None:
+            # The body is still coming: llhttp reads nothing past it until it ends.
+            self._chunked = pending
+            return kept
+        self._chunked = None
+        old = self._parser
+        assert old is not None
+        self._parser = self._new_parser(self.loop)
+        if rest or _holds_bytes(old):
+            self.last_served = True
+            self._stop_reading = True
+            if self._buffer_paused:
+                self._resume_reading_for_buffer()
+        if rest:
+            # The requests in ``rest`` were parsed by the old parser: never served.
+            for _, payload in rest:
+                if payload is not None and payload is not EMPTY_PAYLOAD and not payload.is_eof():
+                    payload.set_exception(RequestPayloadError("not served"))
+        return kept
 
     def eof_received(self) -> bool:
         # The client finished sending (it may still read: a half-closed socket
@@ -457,11 +572,48 @@ class HttpProtocol(BaseProtocol):
         if self._paused:
             await self._drain_helper()
 
+    def pause_writing(self) -> None:
+        # The transport holds more than its high-water mark: from now on the
+        # client must keep reading (checked by _check_timers, the one timer).
+        super().pause_writing()
+        if not self._unsent and self.transport is not None:
+            self._watch_unsent(self.transport)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._queue and self._current is None:
+            self._process()  # pipelined requests held while the client was not reading
+
+    def _watch_unsent(self, transport: asyncio.Transport) -> None:
+        size = transport.get_write_buffer_size()
+        if size:
+            self._unsent = size
+            self._unsent_since = now = self.loop.time()
+            self._arm(now + self.server.idle_timeout)
+
+    def _send_stalled(self, transport: asyncio.Transport, now: float) -> bool:
+        """Whether answer bytes have waited ``idle_timeout`` with none taken."""
+        size = transport.get_write_buffer_size()
+        if size == 0:
+            self._unsent = 0
+            return False
+        if self._unsent == 0 or size < self._unsent:
+            self._unsent = size  # the client took some: progress
+            self._unsent_since = now
+            return False
+        self._unsent = size
+        return now - self._unsent_since >= self.server.idle_timeout
+
     def close(self) -> None:
         self._closed = True
         self.flush_out()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            # The transport sends what it holds before it closes; the timer
+            # still cuts a client that stopped reading (_check_timers).
+            transport.close()
+            if not self._unsent:
+                self._watch_unsent(transport)
 
     # -- serving, in order ------------------------------------------------------------
     def _process(self) -> None:
@@ -475,12 +627,22 @@ class HttpProtocol(BaseProtocol):
             return
         self._processing = True
         try:
-            while self._queue and self._current is None and not self._closed:
+            # While the client is not taking its answers (writing paused), the
+            # next pipelined request waits: answers never pile up unbounded.
+            while self._queue and self._current is None and not self._closed and not self._paused:
                 message, payload = self._queue.popleft()
                 if self._buffer_paused and len(self._queue) <= MAX_QUEUED // 2:
                     self._resume_reading_for_buffer()
                 if isinstance(message, HttpProcessingError):
                     self._refuse(message)
+                    self.close()
+                    return
+                if message.chunked and not _only_chunked(message.raw_headers):
+                    # llhttp frames "gzip, chunked" as chunked; forwarding that as
+                    # bare chunked would drop a coding silently (contract section 8).
+                    self._refuse(
+                        HttpProcessingError(code=501, message="unsupported transfer coding")
+                    )
                     self.close()
                     return
                 request = Incoming(self, message, payload)
@@ -497,7 +659,7 @@ class HttpProtocol(BaseProtocol):
                     continue
                 if pending is not None:
                     self.run_pending(request, pending)
-            if self._current is None:
+            if self._current is None and not self._queue and not self._lingering:
                 self.busy = False
                 self._idle_since = now = self.loop.time()
                 self._arm(now + self.server.idle_timeout)
@@ -514,7 +676,10 @@ class HttpProtocol(BaseProtocol):
         try:
             await pending
         except (ConnectionError, RequestPayloadError, asyncio.CancelledError):
-            request.keep_alive = False  # the client went away mid-answer
+            self._task = None
+            self.cancel_on_lost = False
+            request.client_gone()  # the client went away mid-answer
+            return
         except Exception:
             log.exception("unhandled error serving a request")
             self._fail_request(request)
@@ -544,6 +709,8 @@ class HttpProtocol(BaseProtocol):
             assert self._parser is not None
             self._parser.set_upgraded(False)
             tail, self._tail = self._tail, b""
+            if self._buffer_paused and len(self._queue) < MAX_QUEUED:
+                self._resume_reading_for_buffer()  # held while the tail was parked
             if tail:
                 self.data_received(tail)
         # A body the handler did not read to its end would be parsed as the next
@@ -551,7 +718,7 @@ class HttpProtocol(BaseProtocol):
         if not request.content.is_eof():
             self._linger()
             return
-        if not (request.keep_alive and not self._upgraded):
+        if not request.keep_alive or self._upgraded or self.last_served:
             self.close()
             return
         self._process()
@@ -563,12 +730,14 @@ class HttpProtocol(BaseProtocol):
         the client's stack then often discards the answer it had (a 401 on an
         upload would surface as a network error). So the sending side is shut
         (the client sees the end after the answer) and what still arrives is
-        read and dropped, until the client closes or LINGER seconds pass.
+        read and dropped, until the client closes, stays silent LINGER_TIMEOUT
+        or LINGER_TIME has passed (the timer, :meth:`_check_timers`).
         """
         transport = self.transport
         if transport is None:
             return
         self._stop_reading = True
+        self._lingering = True
         self._queue.clear()
         self.flush_out()
         if transport.can_write_eof():
@@ -576,11 +745,17 @@ class HttpProtocol(BaseProtocol):
         if self._reading_paused or self._buffer_paused:
             self._reading_paused = self._buffer_paused = False
             self._resume_transport_reading()
-        self.loop.call_later(LINGER, self.close)
+        now = self.loop.time()
+        self._linger_until = now + LINGER_TIME
+        self._last_read = now
+        self._arm(now + LINGER_TIMEOUT)
+
+    def _linger_on(self) -> None:
+        self._last_read = self.loop.time()
 
     def _refuse(self, exc: HttpProcessingError) -> None:
         log.debug("refused a malformed request: %s", exc)
-        status = exc.code if 400 <= exc.code < 500 else 400
+        status = exc.code if 400 <= exc.code < 500 or exc.code == 501 else 400
         response = status_error(status)
         transport = self.transport
         if transport is None:
@@ -611,10 +786,33 @@ class HttpProtocol(BaseProtocol):
 
     def _check_timers(self) -> None:
         self._timer = None
-        if self.transport is None or self._closed:
+        transport = self.transport
+        if transport is None:
             return
         server = self.server
         now = self.loop.time()
+        watch = math.inf
+        if self._unsent:
+            # Part of an answer waits for the client to read it.
+            if self._send_stalled(transport, now):
+                log.debug("closing a connection: the client stopped reading its answer")
+                transport.abort()
+                return
+            if self._unsent:
+                watch = self._unsent_since + server.idle_timeout
+        if self._closed:
+            if watch < math.inf:
+                self._arm(watch)
+            return
+        if self._lingering:
+            deadline = min(self._linger_until, self._last_read + LINGER_TIMEOUT)
+            if now >= deadline:
+                self.close()
+                if self._unsent:
+                    self._arm(self._unsent_since + server.idle_timeout)
+                return
+            self._arm(min(deadline, watch))
+            return
         current = self._current
         if self._head_since is not None:
             deadline = self._head_since + server.header_timeout
@@ -626,6 +824,8 @@ class HttpProtocol(BaseProtocol):
             deadline = self._idle_since + server.idle_timeout
             if now >= deadline:
                 self.close()
+                if watch < math.inf:
+                    self._arm(watch)
                 return
         elif current is not None and not current.content.is_eof() and not self._reading_paused:
             # A body is expected and we are reading: the client must keep sending.
@@ -638,7 +838,7 @@ class HttpProtocol(BaseProtocol):
                 return
         else:
             deadline = now + 1.0  # busy on the gateway's side: look again later
-        self._arm(max(deadline, now + 0.01))
+        self._arm(max(min(deadline, watch), now + 0.01))
 
     def close_if_idle(self) -> bool:
         if not self.busy and not self._queue:

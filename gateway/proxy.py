@@ -220,10 +220,12 @@ class _FastExchange:
         conn.write_soon(head, request.protocol.server.batch)
 
     def _on_client_lost(self) -> None:
-        # The client hung up while we waited: the upstream exchange is abandoned.
-        if self.conn is not None:
-            self.conn.release(reuse=False)
-            self.conn = None
+        # The client hung up while we waited: the upstream exchange is abandoned,
+        # and the request ends here (no task of its own would end it).
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.release(reuse=False)
+        self.request.client_gone()
 
     def _on_head(
         self,
@@ -345,13 +347,14 @@ async def proxy_http(
     )
 
 
-def is_upgrade(request: Incoming | web.BaseRequest) -> bool:
-    return (
-        "upgrade" in request.headers.get("Connection", "").lower() and "Upgrade" in request.headers
-    )
+def is_upgrade(request: Incoming) -> bool:
+    # The parser's reading (llhttp sees every Connection line), not a second one
+    # of our own: with "Connection: keep-alive" and "Connection: upgrade" on two
+    # lines, the first line alone says no while the parser switched protocols.
+    return bool(request.message.upgrade)
 
 
-def is_websocket_upgrade(request: Incoming | web.BaseRequest) -> bool:
+def is_websocket_upgrade(request: Incoming) -> bool:
     return is_upgrade(request) and request.headers.get("Upgrade", "").lower() == "websocket"
 
 

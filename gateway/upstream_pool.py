@@ -35,11 +35,12 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiohttp import ClientPayloadError, ServerTimeoutError
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
+from aiohttp.http_parser import HttpParser, HttpResponseParser, RawResponseMessage
 from aiohttp.streams import StreamReader
 
 from gateway.batching import WriteBatch
@@ -47,6 +48,15 @@ from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 
 MAX_IDLE_PER_TARGET = 256
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def _holds_bytes(parser: HttpParser[Any]) -> bool:
+    """Whether ``parser`` has read bytes past its last complete response.
+    Harmless on a parser between responses; spoils one that holds bytes."""
+    try:
+        return parser.feed_eof() is not None
+    except Exception:
+        return True
 
 
 class ConnectFailed(Exception):
@@ -86,6 +96,8 @@ class UpstreamConnection(BaseProtocol):
         self._timing = False
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._complete = False  # this exchange's response has been read to its end
         self._reusable: HttpResponseParser | None = None
         self._head_only = False
         self._out: bytes | None = None  # a request head held for the loop's pass
@@ -97,7 +109,9 @@ class UpstreamConnection(BaseProtocol):
         head_only = method == "HEAD"
         if self._reusable is None or self._head_only != head_only:
             # llhttp is ready for the next response once one is complete, so a
-            # parser serves the connection's whole life (HEAD needs its own mode).
+            # parser serves the connection's life (HEAD needs its own mode),
+            # except after a chunked response, whose trailer it may still hold
+            # (see data_received).
             self._reusable = HttpResponseParser(
                 self,
                 self._loop,
@@ -112,15 +126,27 @@ class UpstreamConnection(BaseProtocol):
         self.payload = None
         self._on_head = on_head
         self._received = False
+        self._complete = False
         self._timeout = timeout
         if timing:
             self.start_timeout()
 
     def start_timeout(self) -> None:
         self._timing = True
-        self._last = self._loop.time()
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._last + self._timeout, self._check_timer)
+        self._last = now = self._loop.time()
+        deadline = now + self._timeout
+        timer = self._timer
+        if timer is not None:
+            # Left armed by an earlier exchange, perhaps of a route with a longer
+            # timeout: it must not fire later than this exchange's deadline.
+            if self._timer_at <= deadline:
+                return  # it fires first and re-checks against this timeout
+            timer.cancel()
+        self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._check_timer)
 
     def finished(self) -> bool:
         """The response is complete and the connection may carry another."""
@@ -155,13 +181,14 @@ class UpstreamConnection(BaseProtocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None:
+        if parser is None or self._complete:
             if not data:
                 return  # flow control resuming after the exchange ended
-            # Bytes with no request outstanding: nothing on this connection can be
-            # trusted to frame the next response.
+            # Bytes past the response, or with no request outstanding: nothing on
+            # this connection can be trusted to frame the next response.
             self.should_close = True
-            self.close()
+            if parser is None:
+                self.close()
             return
         self._received = True
         if self._timing:
@@ -173,20 +200,40 @@ class UpstreamConnection(BaseProtocol):
             self._fail(ExchangeFailed())
             self.close()
             return
+        head = False
         for message, payload in messages:
+            if self.message is not None:
+                # A second final response to one request: the upstream and the
+                # gateway no longer agree on where answers start.
+                self.should_close = True
+                break
             if 100 <= message.code < 200 and message.code != 101:
                 # An interim answer (100 Continue, 103 Early Hints): the final
                 # one follows on this exchange. Dropped, as nginx does: passing
                 # it on as the answer would leave the client waiting forever.
                 continue
             self.message, self.payload = message, payload
+            head = True
+        body = self.payload
+        if body is not None and body.is_eof():
+            self._completed(parser)
+        if head:
             callback = self._on_head
             self._on_head = None
             if callback is not None:
                 callback(self.message, self.payload, None)
-            if payload.is_eof():
-                self._timing = False
-            break
+
+    def _completed(self, parser: HttpParser[Any]) -> None:
+        """The response is read to its end: decide, before anyone releases the
+        connection, whether it may carry another exchange."""
+        self._complete = True
+        self._timing = False
+        if _holds_bytes(parser):
+            self.should_close = True  # an unsolicited extra response, or its start
+        if self.message is not None and self.message.chunked:
+            # Its trailer fields may still sit in the parser, waiting to become
+            # headers of the next response: the next exchange gets a fresh one.
+            self._reusable = None
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -223,7 +270,7 @@ class UpstreamConnection(BaseProtocol):
             return
         deadline = self._last + self._timeout
         if self._loop.time() < deadline:
-            self._timer = self._loop.call_at(deadline, self._check_timer)
+            self._arm(deadline)
             return
         self.should_close = True
         if self.payload is not None and not self.payload.is_eof():
