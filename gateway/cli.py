@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from typing import TYPE_CHECKING
 
-from gateway.config import Config, ConfigError, load_config
+# Nothing heavy is imported at module level: ``gateway run`` holds SIGHUP back
+# (``_hold_hangups``) before its first slow step, and importing the config
+# package alone takes ~100 ms.
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 DEV_TOKEN_SECRET_MARK = "dev-only"  # noqa: S105 - a marker, not a secret
 
@@ -33,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path: str) -> Config | None:
+    from gateway.config import ConfigError, load_config
+
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -67,6 +75,23 @@ def _warn_insecure(config: Config) -> None:
         )
 
 
+def _hold_hangups() -> None:
+    """Keep SIGHUP pending, not fatal, until the gateway can reload.
+
+    Its default action ends the process, and the handler that reloads exists
+    only once the gateway serves (about a second of imports and start-up). So
+    SIGHUP is blocked here, first thing; :func:`gateway.server.serve` unblocks
+    it once its handler is in place, and a hangup that came in between is then
+    delivered: a reload, once ready. A hangup from before this point is
+    dropped: the config file is read after it. Workers are spawned with SIGHUP
+    already blocked (the mask is inherited), so not even their interpreter's
+    start-up can be cut short by one.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    if signal.sigtimedwait({signal.SIGHUP}, 0) is not None:
+        logging.getLogger("gateway").info("SIGHUP before the config was read: nothing to reload")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -82,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_describe(config))
         return 0
     if args.command == "run":
+        _hold_hangups()
         config = _load(args.config)
         if config is None:
             return 2

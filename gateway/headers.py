@@ -1,10 +1,11 @@
 """Header rules, compiled once from the config: what is dropped, what is set.
 
 Strip, then inject: every identity header a client sends is removed, on every
-route, before the gateway sets its own. Names are compared case-insensitively
-*and* with ``_`` folded to ``-``, because many backends (nginx with
-``underscores_in_headers``, CGI/WSGI/PHP ``HTTP_X_OPENID``) read ``X_OpenId``
-as ``X-OpenId``.
+route, before the gateway sets its own; so are its claims about where it comes
+from (X-Forwarded-*, Forwarded, X-Real-IP) unless the peer is a trusted proxy.
+Names are compared case-insensitively *and* with ``_`` folded to ``-``,
+because many backends (nginx with ``underscores_in_headers``, CGI/WSGI/PHP
+``HTTP_X_OPENID``) read ``X_OpenId`` as ``X-OpenId``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ HOP_BY_HOP = frozenset(
 # they frame the message or are set by the gateway anyway.
 _NOT_REMOVABLE_BY_CONNECTION = frozenset({"content-length", "host"})
 _FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
+# Other claims about the client that backends believe (RFC 7239 `Forwarded`,
+# nginx's `X-Real-IP`; Spring's ForwardedHeaderFilter reads both): kept as sent
+# from a trusted proxy, which set them; removed from anyone else (contract
+# section 8). The gateway appends nothing to them: its own account of the hop
+# is X-Forwarded-For.
+_PEER_CLAIMS = ("forwarded", "x-real-ip")
+_PEER_CLAIMS_RAW = frozenset(n.encode() for n in _PEER_CLAIMS)
 # Headers the gateway owns on the way upstream; their `_` spellings are spoofs.
 _REQUEST_ID = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -96,6 +104,7 @@ class HeaderRules:
             | identity
             | {fold(token_header), "host", "expect"}
             | set(_FORWARDED)
+            | set(_PEER_CLAIMS)
             | {_REQUEST_ID}
         )
         self._drop_in_raw = frozenset(_enc(n) for n in self._drop_in)
@@ -163,12 +172,25 @@ class HeaderRules:
         with no decode and re-encode per request on the proxy path."""
         folded = [(name.lower().replace(b"_", b"-"), name, value) for name, value in raw]
         drop = self._drop_in_raw
+        listed: set[bytes] = set()
         for key, _, value in folded:
             if key == b"connection":
-                tokens = {t.strip().lower().replace(b"_", b"-") for t in value.split(b",")}
-                drop = drop | (tokens - _NOT_REMOVABLE_RAW - {b""})
-        out = [name + b": " + value + b"\r\n" for key, name, value in folded if key not in drop]
+                listed |= {t.strip().lower().replace(b"_", b"-") for t in value.split(b",")}
+        if listed:
+            drop = drop | (listed - _NOT_REMOVABLE_RAW - {b""})
         trusted = self.is_trusted(peer)
+        if trusted:
+            # A trusted proxy's Forwarded / X-Real-IP pass; their `_` spellings
+            # are not what a proxy sends (a client's, read as the real name by
+            # backends that fold `_`), and a hop-by-hop listing still removes them.
+            out = [
+                name + b": " + value + b"\r\n"
+                for key, name, value in folded
+                if key not in drop
+                or (key in _PEER_CLAIMS_RAW and key not in listed and b"_" not in name)
+            ]
+        else:
+            out = [name + b": " + value + b"\r\n" for key, name, value in folded if key not in drop]
         peer_b = _enc(peer or "")
         prior = (
             b", ".join(v for _, n, v in folded if n.lower() == b"x-forwarded-for")

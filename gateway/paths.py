@@ -93,14 +93,21 @@ def normalise_segments(raw_path: str) -> NormalisedPath:
     )
 
 
+# RFC 3986 3.2: the authority ends at the first "/", "?" or "#" (or the end).
+_AUTHORITY_END = re.compile(r"[/?#]")
+
+
 def split_target(target: str) -> tuple[str, str]:
     """(path, query) of a request target, accepting the absolute form too."""
     if not target.startswith("/"):
         scheme, sep, rest = target.partition("://")
         if not sep or scheme.lower() not in ("http", "https"):
             raise BadPath("the request target must be a path")
-        slash = rest.find("/")
-        target = rest[slash:] if slash >= 0 else "/"
+        # Not the first "/": in `http://h?/private/x` that one is in the query,
+        # and the path is empty, which is "/" (RFC 9110 4.2.3).
+        end = _AUTHORITY_END.search(rest)
+        after = rest[end.start() :] if end else ""
+        target = after if after.startswith("/") else "/" + after
     if "#" in target:
         raise BadPath("a fragment is not allowed in a request")
     path, _, query = target.partition("?")

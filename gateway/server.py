@@ -3,6 +3,11 @@
 ``workers: N`` runs N processes, each binding the port with SO_REUSEPORT so
 the kernel spreads connections across them; the supervisor replaces a worker
 that dies and passes SIGTERM/SIGINT/SIGHUP on to every worker.
+
+SIGHUP's default action ends a process, and a gateway is ready to reload only
+after a second or so of start-up: so it stays blocked (pending, not lost) from
+the first line of ``gateway run`` until a handler is in place, in the
+supervisor, in each worker, and in a worker spawned to replace one.
 """
 
 from __future__ import annotations
@@ -178,7 +183,12 @@ async def serve(
     config_path: str | None = None,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT (or until its supervisor is gone);
-    SIGHUP re-reads the configuration."""
+    SIGHUP re-reads the configuration.
+
+    SIGHUP is expected blocked on entry (``gateway run`` blocks it first
+    thing): it is unblocked once the reload handler is in place, so a hangup
+    during start-up is a reload once ready, and blocked again before the
+    handler goes, so one during shutdown is dropped rather than fatal."""
     stop = asyncio.Event()
     interrupted = False  # Ctrl-C: someone at a terminal, no balancer to tell
     loop = asyncio.get_running_loop()
@@ -192,14 +202,9 @@ async def serve(
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     listener = Listener(config, reuse_port=reuse_port, config_path=config_path)
     await listener.start()
-    reloads: set[asyncio.Task[bool]] = set()
-
-    def on_hup() -> None:
-        task = asyncio.create_task(listener.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    reloads = _Reloads(listener)
+    loop.add_signal_handler(signal.SIGHUP, reloads.request)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     # Everything allocated so far lives as long as the worker: moved out of the
     # collector's sight, a full collection no longer walks it (shorter pauses,
     # which show in the p99), and young collections run less often.
@@ -217,12 +222,42 @@ async def serve(
         await stop.wait()
         log.info("shutting down (pid %s)", os.getpid())
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         loop.remove_signal_handler(signal.SIGHUP)
         if watchdog is not None:
             watchdog.cancel()
-        for task in list(reloads):
-            await task
+        await reloads.finish()
         await listener.stop(0.0 if interrupted else listener.config.server.drain_delay)
+
+
+class _Reloads:
+    """SIGHUPs, coalesced: one reload at a time and at most one more after it,
+    since a reload that has not read the file yet covers every hangup before
+    it (a burst of hangups is not a queue of full gateway restarts)."""
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+        self._wanted = False
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self) -> None:
+        self._wanted = True
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self._wanted:
+                self._wanted = False
+                await self._listener.reload()
+        finally:
+            self._task = None
+
+    async def finish(self) -> None:
+        """Let a reload under way end; one only asked for is dropped (stopping)."""
+        self._wanted = False
+        if self._task is not None:
+            await self._task
 
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
@@ -277,7 +312,15 @@ class Supervisor:
     def _spawn(self, slot: int) -> None:
         env = {**os.environ, "WX_GATEWAY_WORKER": str(slot), METRICS_DIR_ENV: self._metrics_dir}
         argv = [*self._argv, "--worker-of", str(os.getpid())]
-        self._procs[slot] = subprocess.Popen(argv, env=env)  # noqa: S603 - our own argv
+        # The worker inherits the signal mask: with SIGHUP blocked from its first
+        # instruction, a hangup passed on while it starts waits for its handler
+        # (gateway.server.serve) instead of killing it. Ours is back as it was
+        # right after, so nothing sent to the supervisor meanwhile is lost.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self._procs[slot] = subprocess.Popen(argv, env=env)  # noqa: S603 - our own argv
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -289,6 +332,8 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         for slot in range(self._count):
             self._spawn(slot)
+        # Held back since start-up (gateway.cli); from here a hangup is passed on.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         log.info("supervisor %s started %d workers", os.getpid(), self._count)
         while not self._stopping:
             self._forward_signals()

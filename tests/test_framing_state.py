@@ -3,7 +3,7 @@
 Each test drives a real gateway over raw sockets, against raw asyncio upstreams
 that record the exact bytes they receive and answer with exactly the bytes a
 test chooses (trailers, unsolicited responses, stalls). One test or a few per
-item of issue 12: 1-6, 9 and 12 (7, 8, 10 and 11 are tested elsewhere).
+item of issue 12: 1-6, 9, 10 and 12 (7, 8 and 11 are tested elsewhere).
 """
 
 from __future__ import annotations
@@ -687,3 +687,36 @@ async def test_early_401_reaches_a_slow_uploader_then_the_gateway_lets_go(
         while gateway_holds(gw.listener.port, client_port) and time.monotonic() < end:
             await asyncio.sleep(0.1)
         assert not gateway_holds(gw.listener.port, client_port), "the gateway never let go"
+
+
+# -- 10. transfer codings other than a lone chunked ------------------------------------------
+@pytest.mark.parametrize(
+    ("codings", "status"),
+    [
+        ([b"gzip, chunked"], 501),
+        ([b"identity, chunked"], 501),
+        ([b"GZIP ,chunked"], 501),
+        ([b"gzip", b"chunked"], 400),  # the same list over two lines: llhttp refuses it
+    ],
+    ids=["gzip-chunked", "identity-chunked", "odd-case", "two-lines"],
+)
+async def test_a_transfer_coding_besides_chunked_is_refused(
+    start_gateway: StartGateway, raw_upstream: RawUpstream, codings: list[bytes], status: int
+) -> None:
+    # llhttp frames these as chunked; forwarding them as bare chunked would drop
+    # a coding the upstream was told about. Refused, closed, nothing forwarded.
+    gw = await serving(start_gateway, raw_upstream)
+    head = b"POST /public/x HTTP/1.1\r\nHost: gw\r\n" + b"".join(
+        b"Transfer-Encoding: " + coding + b"\r\n" for coding in codings
+    )
+    result = await exchange(
+        gw.listener.port, head + b"\r\n5\r\nhello\r\n0\r\n\r\n" + GET_PUBLIC_AFTER
+    )
+    assert result.statuses() == [status]
+    assert error_code(result.responses[0]) == "bad_request"
+    assert result.responses[0].header("connection") == "close"
+    await asyncio.sleep(0.2)
+    assert raw_upstream.seen == []  # neither the POST nor the request behind it
+
+
+GET_PUBLIC_AFTER = b"GET /public/after HTTP/1.1\r\nHost: gw\r\n\r\n"

@@ -5,6 +5,7 @@ case, `_` spellings) are stripped on every route before the gateway sets its
 own; the token header is never forwarded; hop-by-hop headers (RFC 9110 7.6.1,
 those listed in `Connection`, Proxy-Authorization) are not forwarded;
 X-Forwarded-* are replaced from untrusted peers and extended from trusted ones;
+Forwarded and X-Real-IP are removed from untrusted peers and kept from trusted ones;
 X-Request-Id is passed through or generated and returned; every error is JSON
 with `error` and `message`.
 
@@ -17,8 +18,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
 
 from tests.conftest import Running, StartGateway, free_port
 from tests.rawhttp import Response as Reply
@@ -472,6 +475,101 @@ async def test_forwarded_headers_from_trusted_peer_are_extended(
     assert upstream_values(seen, "X-Forwarded-For") == [("X-Forwarded-For", xff)]
     assert upstream_values(seen, "X-Forwarded-Proto") == [("X-Forwarded-Proto", proto)]
     assert upstream_values(seen, "X-Forwarded-Host") == [("X-Forwarded-Host", host)]
+
+
+# -- Forwarded and X-Real-IP (contract section 8; issue 12, item 8) ------------------------
+
+# Claims about the client that backends believe as X-Forwarded-For (Spring's
+# ForwardedHeaderFilter, nginx's realip module): from an untrusted peer, every
+# spelling and every line is removed; from a trusted proxy, what it set passes
+# as sent (the gateway appends nothing to them), and `_` spellings, which no
+# proxy sends, are removed as for the gateway's own headers.
+PEER_CLAIMS: dict[str, list[tuple[str, str]]] = {
+    "forwarded": [("Forwarded", "for=6.6.6.6;proto=https;host=evil.example")],
+    "forwarded-case": [("forwarded", "for=6.6.6.6"), ("FORWARDED", 'for="[2001:db8::6]"')],
+    "forwarded-twice": [("Forwarded", "for=6.6.6.6"), ("Forwarded", "for=7.7.7.7, for=8.8.8.8")],
+    "real-ip": [("X-Real-IP", "6.6.6.6")],
+    "real-ip-case": [("x-real-ip", "6.6.6.6"), ("X-REAL-IP", "7.7.7.7")],
+    "real-ip-twice": [("X-Real-IP", "6.6.6.6"), ("X-Real-IP", "7.7.7.7")],
+    "underscore": [("X_Real_IP", "6.6.6.6"), ("x_real_ip", "7.7.7.7"), ("X_Real_Ip", "8.8.8.8")],
+    "all": [
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("X_Real_IP", "7.7.7.7"),
+        ("Forwarded", "for=7.7.7.7"),
+        *SPOOFED_FORWARDED,
+    ],
+}
+
+
+@pytest.mark.parametrize("sent", list(PEER_CLAIMS.values()), ids=list(PEER_CLAIMS))
+@pytest.mark.parametrize("trusted", [None, ["10.0.0.0/8"]], ids=["no-trust", "other-net"])
+@pytest.mark.parametrize("prefix", ["/public/", "/api/"])
+async def test_forwarded_and_real_ip_from_untrusted_peer_never_reach_the_upstream(
+    start_gateway: StartGateway,
+    seen: Recorder,
+    sent: list[tuple[str, str]],
+    trusted: list[str] | None,
+    prefix: str,
+) -> None:
+    gw = await start_gateway(**({"server": {"trusted_proxies": trusted}} if trusted else {}))
+    auth = [("Authorization", f"Bearer {gw.token('o-peer')}")] if prefix == "/api/" else []
+    reply = await send(gw.listener.port, prefix + "x", [*sent, *auth])
+    assert reply.status == 200
+    assert upstream_values(seen, "Forwarded", "X-Real-IP") == []
+    assert upstream_values(seen, "X-Forwarded-For") == [("X-Forwarded-For", "127.0.0.1")]
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ([], []),
+        (
+            [("Forwarded", "for=1.1.1.1;proto=https"), ("X-Real-IP", "1.1.1.1")],
+            [("Forwarded", "for=1.1.1.1;proto=https"), ("X-Real-IP", "1.1.1.1")],
+        ),
+        (
+            [("forwarded", "for=1.1.1.1"), ("FORWARDED", "for=2.2.2.2")],
+            [("forwarded", "for=1.1.1.1"), ("FORWARDED", "for=2.2.2.2")],
+        ),
+        ([("x-real-ip", "1.1.1.1"), ("X_Real_IP", "6.6.6.6")], [("x-real-ip", "1.1.1.1")]),
+        ([("X_Real_IP", "6.6.6.6"), ("x_real_ip", "6.6.6.6")], []),
+        # listed in Connection: hop-by-hop, whoever sent it
+        (
+            [("Connection", "X-Real-IP"), ("X-Real-IP", "1.1.1.1"), ("Forwarded", "for=1.1.1.1")],
+            [("Forwarded", "for=1.1.1.1")],
+        ),
+    ],
+    ids=["none", "both", "forwarded-twice", "plus-underscore", "underscore-only", "connection"],
+)
+async def test_forwarded_and_real_ip_from_trusted_peer_are_kept_as_sent(
+    start_gateway: StartGateway,
+    seen: Recorder,
+    sent: list[tuple[str, str]],
+    kept: list[tuple[str, str]],
+) -> None:
+    gw = await start_gateway(server={"trusted_proxies": ["127.0.0.0/8"]})
+    reply = await send(gw.listener.port, "/public/x", sent)
+    assert reply.status == 200
+    # (The upstream's parser gives well-known names its own case: compared folded.)
+    got = [(k.lower(), v) for k, v in upstream_values(seen, "Forwarded", "X-Real-IP")]
+    assert got == [(k.lower(), v) for k, v in kept]
+
+
+async def test_forwarded_and_real_ip_stripped_from_a_websocket_handshake(
+    gw: Running, seen: Recorder
+) -> None:
+    headers = CIMultiDict(gw.auth("o-ws"))
+    for name, value in PEER_CLAIMS["all"]:
+        headers.add(name, value)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(gw.url + "/api/ws", headers=headers) as ws,
+    ):
+        await ws.send_str("whoami")
+        assert (await ws.receive(timeout=5)).data == "o-ws"
+    assert seen.last.method == "WS"
+    assert upstream_values(seen, "Forwarded", "X-Real-IP") == []
 
 
 # -- X-Request-Id ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import RouteConfig
-from gateway.paths import BadPath, normalise, normalise_segments
+from gateway.paths import BadPath, normalise, normalise_segments, split_target
 from gateway.routing import Router
 from tests.conftest import Running, StartGateway
 from tests.rawhttp import Response as Reply
@@ -218,6 +218,57 @@ def test_strip_prefix(prefix: str, strip: bool, raw: str, upstream_path: str) ->
     assert route.upstream_path(path) == upstream_path
 
 
+# -- gateway.paths.split_target -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        ("/api/x", "/api/x", ""),
+        ("/api/x?a=/b", "/api/x", "a=/b"),
+        ("http://h/api/x", "/api/x", ""),
+        ("HTTPS://h:8443/api/x?q=1", "/api/x", "q=1"),
+        ("http://h", "/", ""),
+        # the authority ends at the first "/", "?" or "#" (RFC 3986 3.2), so a
+        # "/" after a "?" is the query's (issue 12, item 11)
+        ("http://h?/api/x", "/", "/api/x"),
+        ("http://h:80?a=/api/x/../y", "/", "a=/api/x/../y"),
+        ("http://h?", "/", ""),
+        ("http://u@h/api/x", "/api/x", ""),
+    ],
+)
+def test_split_target(target: str, path: str, query: str) -> None:
+    assert split_target(target) == (path, query)
+
+
+@pytest.mark.parametrize(
+    "target", ["api/x", "*", "ftp://h/x", "/a#b", "http://h#/api/x", "http://h/a#b", "http:/h/x"]
+)
+def test_split_target_refuses(target: str) -> None:
+    with pytest.raises(BadPath):
+        split_target(target)
+
+
+# An authority (any characters but the three that end it) changes nothing:
+# the absolute form means what the origin form after it means.
+_AUTHORITY = st.text(alphabet="abz09.-:@[]%_~!$&'()*+,;=", max_size=16)
+_REST = st.text(alphabet="ab/?#.%2f=&;", max_size=20)
+
+
+@given(_AUTHORITY, st.sampled_from(["", "/", "?", "#"]), _REST)
+@settings(max_examples=2000, deadline=None, derandomize=True, database=None)
+def test_absolute_form_means_its_origin_form(authority: str, first: str, rest: str) -> None:
+    after = first + rest if first else ""
+    origin = after if after.startswith("/") else "/" + after
+    try:
+        expected = split_target(origin)
+    except BadPath:
+        with pytest.raises(BadPath):
+            split_target(f"http://{authority}{after}")
+        return
+    assert split_target(f"http://{authority}{after}") == expected
+
+
 # -- through a running gateway ------------------------------------------------------
 
 
@@ -293,6 +344,12 @@ PATH_TRICKS: list[tuple[str, str, str | tuple[int, str]]] = [
     ("GET", "http://evil.example/public/../private", MISSING),
     ("GET", "https://evil.example:8443/private/x", MISSING),
     ("GET", "http://evil.example/%2e%2e/private", BAD),
+    # ...and its authority ends at "?" or "#" too: what follows is a query (or
+    # a fragment, refused), never a path to route on
+    ("GET", "http://evil.example?/public/x", NO_ROUTE),
+    ("GET", "http://evil.example?/private/x", NO_ROUTE),
+    ("GET", "http://evil.example:80?a=/public/x", NO_ROUTE),
+    ("GET", "http://evil.example#/public/x", BAD),
     # no route
     ("GET", "/publicx", NO_ROUTE),
     ("GET", "/PRIVATE", NO_ROUTE),
@@ -347,6 +404,38 @@ async def test_path_tricks_without_token(
         assert (reply.status, reply.json["error"]) == outcome, reply.body
         assert reply.json["message"]
         assert seen.seen == []
+
+
+@pytest.fixture
+async def catch_all(start_gateway: StartGateway, upstream: TestServer) -> Running:
+    url = str(upstream.make_url("")).rstrip("/")
+    return await start_gateway(
+        routes=[
+            {"prefix": "/", "upstream": url, "auth": "public"},
+            {"prefix": "/private", "upstream": url, "auth": "required"},
+        ]
+    )
+
+
+# The absolute form's authority ends at "/", "?" or "#": a "/" in its query is
+# neither routed on nor forwarded as the path (issue 12, item 11).
+ABSOLUTE_QUERIES = [
+    ("http://evil.example?/private/x", "/?/private/x"),
+    ("http://evil.example:8080?a=/private/x&b=..%2F", "/?a=/private/x&b=..%2F"),
+    ("https://evil.example?/private/../private/x", "/?/private/../private/x"),
+    ("http://evil.example/public?/private/x", "/public?/private/x"),
+    ("http://evil.example", "/"),
+]
+
+
+@pytest.mark.parametrize(("target", "forwarded"), ABSOLUTE_QUERIES)
+async def test_absolute_form_query_is_never_the_path(
+    catch_all: Running, seen: Recorder, target: str, forwarded: str
+) -> None:
+    reply = await raw_request(catch_all.listener.port, f"GET {target} HTTP/1.1")
+    assert reply.status == 200, reply.body
+    assert [s.raw_path for s in seen.seen] == [forwarded]
+    assert seen.last.header("X-OpenId") is None
 
 
 # With a valid token the private route is reached: the upstream must get the

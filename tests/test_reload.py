@@ -1,6 +1,7 @@
 """SIGHUP: the config file is re-read and applied without dropping connections;
 an invalid file keeps the running configuration and logs every problem; with
-several workers, every worker reloads."""
+several workers, every worker reloads. A SIGHUP during start-up (of the gateway,
+or of a worker the supervisor is replacing) is never fatal (issue 12, item 7)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +166,161 @@ async def test_sighup_reaches_every_worker(
     finally:
         code = await asyncio.to_thread(gw.stop)
     assert code == 0
+
+
+# -- SIGHUP during start-up (issue 12, item 7) ------------------------------------
+
+
+def _sighup_disposed(pid: int) -> bool:
+    """True once SIGHUP is blocked, ignored or caught in ``pid``: no longer fatal."""
+    masks = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("SigBlk", "SigIgn", "SigCgt"):
+                masks[name] = int(value, 16)
+    return any(mask & 1 for mask in masks.values())  # bit 0: signal 1, SIGHUP
+
+
+# Extension modules of the gateway's own dependencies, the first it imports
+# (not any site-packages one: a coverage .pth loads its tracer during site init).
+_DEPENDENCY_EXTENSIONS = ("/yaml/_yaml.", "/multidict/_multidict.", "/aiohttp/_http_parser.")
+
+
+def _running_gateway_code(pid: int) -> bool:
+    """True once the process runs the gateway's own code, past the interpreter's
+    start-up (which no Python program can shield from a signal): SIGHUP has a
+    disposition, or a dependency's extension module is mapped."""
+    try:
+        if _sighup_disposed(pid):
+            return True
+        with open(f"/proc/{pid}/maps") as maps:
+            return any(ext in line for line in maps for ext in _DEPENDENCY_EXTENSIONS)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _hangups(gw: Gateway, pid: int, seconds: float, *, start: float = 0.0) -> list[float]:
+    """SIGHUP to ``pid`` every 50 ms for ``seconds``; the times they were sent."""
+    sent: list[float] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and gw.proc.poll() is None:
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            break
+        sent.append(time.monotonic() - start)
+        time.sleep(0.05)
+    return sent
+
+
+def _serving(gw: Gateway, url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gw.proc.poll() is not None:
+            raise AssertionError(
+                f"gateway exited with {gw.proc.returncode}; log:\n" + "\n".join(gw.lines)
+            )
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("gateway did not become healthy; log:\n" + "\n".join(gw.lines))
+
+
+def _early_hangups(gw: Gateway) -> tuple[list[float], float | None]:
+    """Wait for the gateway's own code to run, then SIGHUP it for 2 s: (when each
+    was sent, when "listening on" was first seen), both in seconds from then."""
+    deadline = time.monotonic() + 20
+    while not _running_gateway_code(gw.proc.pid):
+        assert gw.proc.poll() is None, f"exited with {gw.proc.returncode}: {gw.lines}"
+        assert time.monotonic() < deadline, "the gateway's code never ran"
+        time.sleep(0.002)
+    start = time.monotonic()
+    listening: float | None = None
+
+    def watch() -> None:
+        nonlocal listening
+        while listening is None and time.monotonic() - start < 30 and gw.proc.poll() is None:
+            if any("listening on" in line for line in gw.lines):
+                listening = time.monotonic() - start
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    sent = _hangups(gw, gw.proc.pid, 2.0, start=start)
+    watcher.join(35)
+    return sent, listening
+
+
+async def test_sighup_during_start_up_is_not_fatal(
+    tmp_path: Path, upstream: TestServer, wechat: TestServer
+) -> None:
+    port = free_port()
+    path = write_config(tmp_path / "gw.yaml", _config(tmp_path, upstream, wechat, port))
+    gw = Gateway(path)
+    try:
+        sent, listening = await asyncio.to_thread(_early_hangups, gw)
+        await asyncio.to_thread(_serving, gw, f"http://127.0.0.1:{port}")
+        # The window was really hit: hangups went out before the gateway served.
+        assert listening is not None and sent and sent[0] < listening, (sent, listening)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _exchange(reader, writer, "/public/x"))[0] == 200
+        writer.close()
+        await writer.wait_closed()
+        # Those after the config was read were held, then taken as a reload
+        # once the gateway served (coalesced: a burst is not a reload each).
+        if sent[-1] > listening:
+            reloads = await asyncio.to_thread(gw.wait_for, "configuration reloaded")
+            assert len(reloads) < len(sent)
+    finally:
+        code = await asyncio.to_thread(gw.stop)
+    assert code == 0, gw.lines
+    assert not any("Traceback" in line for line in gw.lines), gw.lines
+
+
+async def test_sighup_while_the_supervisor_replaces_a_worker_is_not_fatal(
+    tmp_path: Path, upstream: TestServer, wechat: TestServer
+) -> None:
+    port = free_port()
+    raw = _config(tmp_path, upstream, wechat, port)
+    path = write_config(tmp_path / "gw.yaml", raw)
+    gw = Gateway(path, workers=2)
+    try:
+        await asyncio.to_thread(_serving, gw, f"http://127.0.0.1:{port}")
+        await asyncio.to_thread(gw.wait_for, "listening on", 2, 30.0)
+        workers = children(gw.proc.pid)
+        assert len(workers) == 2
+        raw["routes"].append(
+            {"prefix": "/extra/", "upstream": raw["routes"][0]["upstream"], "auth": "public"}
+        )
+        write_config(path, raw)
+
+        # Kill one worker; while the supervisor starts its replacement (a second
+        # or so of imports and start-up), hang up on the supervisor again and
+        # again: every hangup is passed on to every worker, the new one too.
+        os.kill(workers[0], signal.SIGKILL)
+        await asyncio.to_thread(_hangups, gw, gw.proc.pid, 2.5)
+        await asyncio.to_thread(gw.wait_for, "listening on", 3, 30.0)
+
+        # No worker died of a hangup (Popen's -1 is SIGHUP): one replacement.
+        exits = [line for line in gw.lines if "exited with" in line]
+        assert len(exits) == 1 and "exited with -9" in exits[0], exits
+        assert gw.proc.poll() is None
+        now = children(gw.proc.pid)
+        assert len(now) == 2 and workers[1] in now, (workers, now)
+        # The surviving worker reloaded; the new one read the new file: the
+        # new route answers on every fresh connection, whichever worker has it.
+        await asyncio.to_thread(gw.wait_for, "configuration reloaded", 1, 30.0)
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert (await _exchange(reader, writer, "/extra/x"))[0] == 200
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        code = await asyncio.to_thread(gw.stop)
+    assert code == 0, gw.lines
+    assert not any("Traceback" in line for line in gw.lines), gw.lines
