@@ -76,7 +76,9 @@ class Gateway:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.router = Router(config.routes, config.server.max_body)
+        self.router = Router(
+            config.routes, config.server.max_body, config.rate_limits.ipv6_prefix
+        )
         self.rules = HeaderRules(config)
         self.metrics = Metrics(os.environ.get(METRICS_DIR_ENV))
         self.services = Services(config, clock=clock, metrics=self.metrics)
@@ -246,13 +248,12 @@ class Gateway:
         if identity is not None:
             request.openid = identity.openid
         if route.limiter is not None:
-            # Keys are namespaced so an openid can never collide with an address.
-            key = (
-                "o:" + identity.openid
-                if identity
-                else "ip:" + self.rules.client_ip(request.headers, request.remote)
-            )
-            route.limiter.check(key)
+            # Keys are namespaced ("o:", "ip:") so an openid never collides with
+            # an address.
+            if identity:
+                route.limiter.check("o:" + identity.openid)
+            else:
+                route.limiter.check_client(self.rules.client_ip(request.headers, request.remote))
         upstream_path = route.upstream_path(path)
         openid = identity.openid if identity else None
         unionid = identity.unionid if identity else None

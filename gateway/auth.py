@@ -89,7 +89,9 @@ class AuthEndpoints:
         self._identity = identity
         self._rules = rules
         rate = config.rate_limits.login_per_ip
-        self._login_limiter = RateLimiter(rate) if rate else None
+        self._login_limiter = (
+            RateLimiter(rate, ipv6_prefix=config.rate_limits.ipv6_prefix) if rate else None
+        )
 
     def endpoints(self) -> dict[str, dict[str, Handler]]:
         return {
@@ -103,7 +105,9 @@ class AuthEndpoints:
 
     async def login(self, request: Incoming, scope: Scope) -> web.StreamResponse:
         if self._login_limiter is not None:
-            self._login_limiter.check(self._rules.client_ip(request.headers, request.remote))
+            self._login_limiter.check_client(
+                self._rules.client_ip(request.headers, request.remote)
+            )
         code = string_field(await read_json_object(request), "code", MAX_CODE_LENGTH)
         services = self._services
         session = await services.wechat.code2session(code)

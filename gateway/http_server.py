@@ -754,7 +754,9 @@ class HttpProtocol(BaseProtocol):
         self._last_read = self.loop.time()
 
     def _refuse(self, exc: HttpProcessingError) -> None:
-        log.debug("refused a malformed request: %s", exc)
+        # The class and status only: the parser's message quotes the offending
+        # bytes, which may be a token or a query string (never logged).
+        log.debug("refused a malformed request (%s, %d)", type(exc).__name__, exc.code)
         status = exc.code if 400 <= exc.code < 500 or exc.code == 501 else 400
         response = status_error(status)
         transport = self.transport

@@ -97,15 +97,17 @@ class Route:
 
 
 class Router:
-    def __init__(self, routes: tuple[RouteConfig, ...], default_max_body: int) -> None:
-        compiled = [self._compile(r, default_max_body) for r in routes]
+    def __init__(
+        self, routes: tuple[RouteConfig, ...], default_max_body: int, ipv6_prefix: int = 64
+    ) -> None:
+        compiled = [self._compile(r, default_max_body, ipv6_prefix) for r in routes]
         # Longest prefix first, so the first match is the most specific.
         self.routes: tuple[Route, ...] = tuple(
             sorted(compiled, key=lambda r: len(r.prefix), reverse=True)
         )
 
     @staticmethod
-    def _compile(cfg: RouteConfig, default_max_body: int) -> Route:
+    def _compile(cfg: RouteConfig, default_max_body: int, ipv6_prefix: int) -> Route:
         strip = cfg.prefix.rstrip("/").count("/") if cfg.strip_prefix else 0
         return Route(
             prefix=cfg.prefix,
@@ -116,7 +118,9 @@ class Router:
             websocket=cfg.websocket,
             balancer=Balancer(tuple(Target.parse(u) for u in cfg.upstreams)),
             config=cfg,
-            limiter=RateLimiter(cfg.rate_limit) if cfg.rate_limit else None,
+            limiter=(
+                RateLimiter(cfg.rate_limit, ipv6_prefix=ipv6_prefix) if cfg.rate_limit else None
+            ),
         )
 
     def match(self, path: str) -> Route | None:

@@ -321,3 +321,17 @@ def test_shipped_config_is_valid_without_any_environment() -> None:
     cfg = load_config(str(Path(__file__).parent.parent / "config.yaml"), env={})
     assert cfg.wechat.fake is True
     assert cfg.routes and all(r.upstreams for r in cfg.routes)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(64, 64), ("/56", 56), ("128", 128), (1, 1)])
+def test_ipv6_prefix(value: object, expected: int) -> None:
+    cfg = build_config(minimal(rate_limits={"ipv6_prefix": value}), env={})
+    assert cfg.rate_limits.ipv6_prefix == expected
+    assert build_config(minimal(), env={}).rate_limits.ipv6_prefix == 64
+
+
+@pytest.mark.parametrize("value", [0, 129, "x", True, 1.5, -64])
+def test_ipv6_prefix_refused(value: object) -> None:
+    assert problems(minimal(rate_limits={"ipv6_prefix": value})) == [
+        "rate_limits.ipv6_prefix: must be a prefix length from 1 to 128"
+    ]

@@ -90,3 +90,92 @@ async def _status(http: aiohttp.ClientSession, url: str, headers: dict[str, str]
         if resp.status == 429:
             assert (await resp.json())["error"] == "rate_limited"
         return resp.status
+
+
+# -- IPv6 clients are networks, and many keys cost no scan (issue 13 item 7) ---------------
+def test_ipv6_addresses_of_one_network_share_a_bucket() -> None:
+    clock = Clock()
+    limiter = RateLimiter(Rate(3, 60.0), clock)
+    # 38 addresses of one /64, as one subscriber may pick: one client, one bucket.
+    outcomes = []
+    for i in range(38):
+        try:
+            limiter.check_client(f"2001:db8:1:2:{i:x}::{i + 1:x}")
+            outcomes.append(200)
+        except RateLimited:
+            outcomes.append(429)
+    assert outcomes == [200] * 3 + [429] * 35
+    limiter.check_client("2001:db8:1:3::1")  # the next /64 is another client
+    limiter.check_client("192.0.2.1")  # IPv4 addresses stay one each
+    limiter.check_client("192.0.2.2")
+
+
+def test_ipv4_mapped_addresses_are_their_ipv4_address() -> None:
+    limiter = RateLimiter(Rate(1, 60.0), Clock())
+    limiter.check_client("192.0.2.7")
+    with pytest.raises(RateLimited):
+        limiter.check_client("::ffff:192.0.2.7")
+
+
+def test_ipv6_prefix_is_configurable() -> None:
+    limiter = RateLimiter(Rate(1, 60.0), Clock(), ipv6_prefix=128)
+    limiter.check_client("2001:db8::1")
+    limiter.check_client("2001:db8::2")  # each address its own client at /128
+    wide = RateLimiter(Rate(1, 60.0), Clock(), ipv6_prefix=48)
+    wide.check_client("2001:db8:1:1::1")
+    with pytest.raises(RateLimited):
+        wide.check_client("2001:db8:1:ffff::1")  # same /48
+
+
+def test_refilled_buckets_are_dropped_oldest_first() -> None:
+    clock = Clock()
+    limiter = RateLimiter(Rate(1, 1.0), clock, max_keys=1000)
+    for i in range(500):
+        limiter.check(f"k{i}")
+    assert len(limiter) == 500
+    clock.now += 1.0  # every bucket has refilled: none carries information any more
+    limiter.check("fresh")
+    assert len(limiter) == 1
+
+
+def test_keys_past_the_cap_evict_the_least_recently_used_and_keep_limits() -> None:
+    clock = Clock()
+    limiter = RateLimiter(Rate(1, 3600.0), clock, max_keys=100)
+    limiter.check("attacker")
+    for i in range(99):
+        limiter.check(f"k{i}")
+        clock.now += 0.001
+    with pytest.raises(RateLimited):
+        limiter.check("attacker")  # used again: now the most recent
+    for i in range(99, 150):
+        limiter.check(f"k{i}")
+    assert len(limiter) == 100  # bounded
+    with pytest.raises(RateLimited):
+        limiter.check("attacker")  # still limited: the 50 older keys went first
+    limiter.check("k0")  # evicted, so a fresh bucket
+    with pytest.raises(RateLimited):
+        limiter.check("k149")  # kept
+
+
+async def test_login_limit_groups_ipv6_clients_behind_a_trusted_proxy(
+    start_gateway: StartGateway,
+) -> None:
+    gw = await start_gateway(
+        rate_limits={"login_per_ip": "3/m"},
+        server={"trusted_proxies": ["127.0.0.1/32"]},
+    )
+    statuses = []
+    async with aiohttp.ClientSession() as http:
+        for i in range(8):
+            headers = {"X-Forwarded-For": f"2001:db8:77:1::{i + 1:x}"}
+            async with http.post(
+                gw.url + "/auth/login", json={"code": f"code-{i}"}, headers=headers
+            ) as resp:
+                statuses.append(resp.status)
+        headers = {"X-Forwarded-For": "2001:db8:77:2::1"}
+        async with http.post(
+            gw.url + "/auth/login", json={"code": "other"}, headers=headers
+        ) as resp:
+            other = resp.status
+    assert statuses == [200, 200, 200] + [429] * 5
+    assert other == 200  # another /64, another client

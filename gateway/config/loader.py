@@ -180,6 +180,18 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
+def _ipv6_prefix(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be a prefix length from 1 to 128")
+    try:
+        length = int(str(value).strip().lstrip("/"))
+    except ValueError:
+        raise ValueError("must be a prefix length from 1 to 128") from None
+    if not 1 <= length <= 128:
+        raise ValueError("must be a prefix length from 1 to 128")
+    return length
+
+
 def _header_name(value: Any) -> str:
     name = _nonempty(value)
     if not _HEADER_NAME.match(name):
@@ -451,7 +463,8 @@ def build_config(raw: Any, env: Mapping[str, str] | None = None) -> m.Config:
     limits = m.RateLimitsConfig(
         login_per_ip=limits_section.get(
             "login_per_ip", parse_rate, cast(Rate | None, m.DEFAULT_LOGIN_RATE)
-        )
+        ),
+        ipv6_prefix=limits_section.get("ipv6_prefix", _ipv6_prefix, m.DEFAULT_IPV6_PREFIX),
     )
     limits_section.finish()
     identity = _identity(raw.get("identity"), errors)

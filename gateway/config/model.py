@@ -36,6 +36,7 @@ DEFAULT_STORAGE_URL = "sqlite:///./gateway.db"
 DEFAULT_OPENID_HEADER = "X-OpenId"
 DEFAULT_UNIONID_HEADER = "X-UnionId"
 DEFAULT_LOGIN_RATE = Rate(20, 1.0)
+DEFAULT_IPV6_PREFIX = 64
 DEFAULT_ROUTE_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 10_000
 DEFAULT_HEADER_TIMEOUT = 10.0
@@ -127,6 +128,9 @@ class IdentityConfig:
 @dataclass(frozen=True, slots=True)
 class RateLimitsConfig:
     login_per_ip: Rate | None = DEFAULT_LOGIN_RATE
+    # IPv6 clients are limited per network of this prefix length, not per
+    # address: one subscriber gets a whole /64 and can pick any address in it.
+    ipv6_prefix: int = DEFAULT_IPV6_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
