@@ -204,8 +204,7 @@ class Gateway:
         if error is not None and request.route is not None and error in _UPSTREAM_ERRORS:
             metrics.upstream_errors[(request.route, error)] += 1
         elif request.endpoint == "/auth/login":
-            errcode = "" if request.errcode is None else str(request.errcode)
-            metrics.logins[(error or "ok", errcode)] += 1
+            metrics.login(error or "ok", request.errcode)  # errcodes folded to a bounded set
         if self.access_log is not None:
             self.access_log.record(
                 request, request.request_id, self.rules.client_ip(request.headers, request.remote)

@@ -8,6 +8,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from gateway import logs  # stdlib logging only: cheap before SIGHUP is held
+
 # Nothing heavy is imported at module level: ``gateway run`` holds SIGHUP back
 # (``_hold_hangups``) before its first slow step, and importing the config
 # package alone takes ~100 ms.
@@ -94,11 +96,7 @@ def _hold_hangups() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup()
     if args.command == "check":
         config = _load(args.config)
         if config is None:
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _load(args.config)
         if config is None:
             return 2
-        logging.getLogger().setLevel(config.log.level.upper())
+        logs.set_level(config.log.level)  # the gateway's loggers; libraries stay >= INFO
         from gateway import server
 
         workers = args.workers or config.server.workers

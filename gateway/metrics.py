@@ -32,6 +32,21 @@ SAVE_EVERY = 1.0
 # The environment variable the supervisor sets for its workers.
 DIR_ENV = "WX_GATEWAY_METRICS_DIR"
 OWN = "(own)"  # the route label of the gateway's own endpoints
+# WeChat errcodes that keep their own ``errcode`` label value: the contract's
+# table (40029/40163 invalid_code, 45011, 40226, -1 busy), the access-token
+# codes (40001/40014/42001), and the two an operator must see to fix a
+# misconfiguration (40013 invalid appid, 40125 invalid secret). Every other
+# errcode is "other": WeChat chooses errcodes, and each distinct value would be
+# a new series (300 errcodes, 300 series) in every scrape, for ever.
+KNOWN_ERRCODES = frozenset({-1, 40001, 40013, 40014, 40029, 40125, 40163, 40226, 42001, 45011})
+OTHER_ERRCODE = "other"
+
+
+def errcode_label(errcode: int | None) -> str:
+    """The ``errcode`` label value: "" for none, the code when known, else "other"."""
+    if errcode is None:
+        return ""
+    return str(errcode) if errcode in KNOWN_ERRCODES else OTHER_ERRCODE
 
 
 class _Histogram:
@@ -71,6 +86,10 @@ class Metrics:
         if histogram is None:
             histogram = self.latency[key] = _Histogram()
         histogram.observe(time.perf_counter() - started)
+
+    def login(self, outcome: str, errcode: int | None) -> None:
+        """One /auth/login answer: ``ok`` or the contract's error code (a fixed set)."""
+        self.logins[(outcome, errcode_label(errcode))] += 1
 
     def wechat_call(self, api: str, seconds: float, outcome: str) -> None:
         histogram = self.wechat.get(api)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway import logs
 from gateway.app import Gateway
 from gateway.config import Config, ConfigError, load_config
 from gateway.http_server import HttpServer, Incoming
@@ -131,7 +132,7 @@ class Listener:
                 return False
             retired, self.gateway, self.config = self.gateway, gateway, new
             self._apply_server_limits()
-            logging.getLogger().setLevel(new.log.level.upper())
+            logs.set_level(new.log.level)  # libraries stay >= INFO (gateway/logs.py)
             task = asyncio.create_task(self._retire(retired))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)

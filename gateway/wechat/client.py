@@ -3,11 +3,20 @@
 WeChat answers almost every error with HTTP 200 and ``{"errcode": N}``; a missing
 errcode means success. :func:`raise_for_errcode` turns errcodes into the
 contract's errors in one table, whichever API they came from.
+
+SECURITY: ``wechat.api_base`` is trusted for who a user is, and for nothing
+else (docs/security.md, "The WeChat trust boundary"). A redirect is never
+followed: the request carries the app secret (jscode2session's query,
+stable_token's body) or an access token, and a 3xx would hand them, and the
+choice of openid, to whoever the Location names. An answer is read up to a few
+KiB and no further, uncompressed (a compressed answer could expand past any
+cap before it is counted), and every field is checked against WeChat's
+documented shape (:mod:`gateway.wechat.shapes`). Each failure is 502
+``wechat_error``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,9 +34,14 @@ from gateway.errors import (
     WechatTimeout,
     WechatUserBlocked,
 )
+from gateway.wechat import shapes
 
 log = logging.getLogger("gateway.wechat")
 
+# The most bytes read of an answer. jscode2session answers ~150 bytes, stable_token
+# ~200, the phone API ~300 (errmsgs are short): 4 KiB is many times that, and
+# small enough that a hostile answer costs nothing to refuse.
+MAX_ANSWER_BYTES = 4 * 1024
 # errcodes meaning "the access token is bad": refetch once, retry once.
 ACCESS_TOKEN_ERRCODES = frozenset({40001, 40014, 42001})
 _ERRCODE_ERRORS: dict[int, type[GatewayError]] = {
@@ -90,16 +104,7 @@ class PhoneInfo:
 def phone_info_from(data: dict[str, Any]) -> PhoneInfo:
     """WeChat's phone fields (current API's phone_info, or a decrypted legacy
     payload). countryCode arrives as a string or a number; it leaves as a string."""
-    number, pure, country = (
-        data.get("phoneNumber"),
-        data.get("purePhoneNumber"),
-        data.get("countryCode"),
-    )
-    if not isinstance(number, str) or not isinstance(pure, str):
-        raise WechatError("WeChat answered without a phone number.")
-    if isinstance(country, bool) or not isinstance(country, str | int):
-        raise WechatError("WeChat answered without a country code.")
-    return PhoneInfo(number, pure, str(country))
+    return PhoneInfo(*shapes.phone_fields(data))
 
 
 class WechatClient:
@@ -119,6 +124,11 @@ class WechatClient:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._config.timeout),
             cookie_jar=aiohttp.DummyCookieJar(),
+            # Answers are counted as they arrive (MAX_ANSWER_BYTES): compressed
+            # ones are refused rather than expanded, and not asked for.
+            auto_decompress=False,
+            headers={"Accept-Encoding": "identity"},
+            trust_env=False,  # never a proxy from the environment between us and WeChat
         )
 
     async def close(self) -> None:
@@ -134,13 +144,14 @@ class WechatClient:
         params: dict[str, str] | None = None,
         body: dict[str, Any] | None = None,
         uses_access_token: bool = False,
+        limit: int = MAX_ANSWER_BYTES,
     ) -> dict[str, Any]:
         """One WeChat call, never retried here; transport faults become
         WechatTimeout / WechatError, errcodes are raised by raise_for_errcode."""
         started = time.perf_counter()
         outcome = "error"
         try:
-            payload = await self._call(method, path, params, body, uses_access_token)
+            payload = await self._call(method, path, params, body, uses_access_token, limit)
             outcome = "ok"
             return payload
         except WechatTimeout:
@@ -153,8 +164,11 @@ class WechatClient:
             outcome = "errcode" if "wechat_errcode" in exc.extra else "error"
             raise
         finally:
+            seconds = time.perf_counter() - started
+            # The path only: the query and body carry the secret or an access token.
+            log.debug("WeChat %s %s: %s in %.3f s", method, path, outcome, seconds)
             if self._observe is not None:
-                self._observe(path, time.perf_counter() - started, outcome)
+                self._observe(path, seconds, outcome)
 
     async def _call(
         self,
@@ -163,26 +177,21 @@ class WechatClient:
         params: dict[str, str] | None,
         body: dict[str, Any] | None,
         uses_access_token: bool,
+        limit: int,
     ) -> dict[str, Any]:
         assert self._session is not None, "WechatClient.start() was not awaited"
         url = self.api_base + path
         try:
-            async with self._session.request(method, url, params=params, json=body) as resp:
-                raw = await resp.read()
-                status = resp.status
+            async with self._session.request(
+                method, url, params=params, json=body, allow_redirects=False
+            ) as resp:
+                raw = await _read_answer(resp, limit)
         except TimeoutError:
             raise WechatTimeout() from None
         except (aiohttp.ClientError, OSError):
             # The exception text can contain the URL, whose query holds the secret.
             raise WechatError("WeChat could not be reached.") from None
-        if status != 200:
-            raise WechatError(f"WeChat answered HTTP {status}.")
-        try:
-            payload = json.loads(raw)
-        except ValueError:
-            raise WechatError("WeChat answered with something that is not JSON.") from None
-        if not isinstance(payload, dict):
-            raise WechatError("WeChat answered with something that is not a JSON object.")
+        payload = shapes.parse_answer(raw)
         raise_for_errcode(payload, uses_access_token=uses_access_token)
         return payload
 
@@ -197,14 +206,11 @@ class WechatClient:
                 "grant_type": "authorization_code",
             },
         )
-        openid, key, unionid = (
-            payload.get("openid"),
-            payload.get("session_key"),
-            payload.get("unionid"),
+        return WechatSession(
+            shapes.identifier(payload.get("openid"), "openid"),
+            shapes.session_key(payload.get("session_key")),
+            shapes.optional_identifier(payload.get("unionid"), "unionid"),
         )
-        if not isinstance(openid, str) or not openid or not isinstance(key, str) or not key:
-            raise WechatError("WeChat answered without an openid or session_key.")
-        return WechatSession(openid, key, unionid if isinstance(unionid, str) and unionid else None)
 
     async def stable_token(self, force_refresh: bool) -> tuple[str, int]:
         payload = await self.call(
@@ -217,10 +223,10 @@ class WechatClient:
                 "force_refresh": force_refresh,
             },
         )
-        token, expires_in = payload.get("access_token"), payload.get("expires_in")
-        if not isinstance(token, str) or not token or not isinstance(expires_in, int):
-            raise WechatError("WeChat answered without an access token.")
-        return token, expires_in
+        return (
+            shapes.access_token(payload.get("access_token")),
+            shapes.expires_in(payload.get("expires_in")),
+        )
 
     async def phone_number(self, code: str, access_token: str) -> PhoneInfo:
         payload = await self.call(
@@ -234,3 +240,29 @@ class WechatClient:
         if not isinstance(info, dict):
             raise WechatError("WeChat answered without phone_info.")
         return phone_info_from(info)
+
+
+async def _read_answer(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of a 200 answer, at most ``limit`` bytes, or WechatError.
+
+    Nothing past the limit is read: the connection is closed instead, so a
+    50 MB answer costs ``limit`` bytes, not 50 MB.
+    """
+    if resp.status != 200:
+        resp.close()
+        if 300 <= resp.status < 400:
+            raise WechatError(f"WeChat answered a redirect (HTTP {resp.status}); not followed.")
+        raise WechatError(f"WeChat answered HTTP {resp.status}.")
+    if resp.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        resp.close()
+        raise WechatError("WeChat answered with a compressed body, which was not asked for.")
+    if resp.content_length is not None and resp.content_length > limit:
+        resp.close()
+        raise WechatError(f"WeChat's answer is larger than {limit} bytes.")
+    body = bytearray()
+    while chunk := await resp.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            resp.close()
+            raise WechatError(f"WeChat's answer is larger than {limit} bytes.")
+    return bytes(body)
