@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway import proxy
+from gateway import proxy, websocket
 from gateway.accesslog import AccessLog
 from gateway.auth import AuthEndpoints
 from gateway.config import Config
@@ -86,6 +86,14 @@ class Gateway:
             config, self.services.tokens, self.services.sessions, clock
         )
         self.upstreams = proxy.UpstreamClient(config.server.upstream_idle_timeout)
+        self.websockets = websocket.Sockets(
+            websocket.Limits(
+                config.server.websocket_idle_timeout, config.server.websocket_max_message
+            ),
+            self.services.sessions,
+            clock,
+            config.token.leeway,
+        )
         self.access_log = AccessLog(config) if config.log.access else None
         self.auth = AuthEndpoints(config, self.services, self.identity, self.rules, self.router)
         self.draining = False
@@ -106,6 +114,8 @@ class Gateway:
         self._stack.push_async_callback(self.services.close)
         await self.upstreams.start()
         self._stack.push_async_callback(self.upstreams.close)
+        # Before the upstream session closes under them: open sockets get 1001.
+        self._stack.push_async_callback(self.websockets.close_all)
         saver = asyncio.create_task(self._save_metrics())
         self._stack.callback(self.metrics.save)
         self._stack.callback(saver.cancel)
@@ -266,7 +276,14 @@ class Gateway:
                 unionid=unionid,
             )
             return proxy.proxy_websocket(
-                self.upstreams, request.as_aiohttp(), route, upstream_path, query, headers
+                self.upstreams,
+                self.websockets,
+                request,
+                route,
+                upstream_path,
+                query,
+                headers,
+                identity,
             )
         lines = self.rules.upstream_lines(
             request.message.raw_headers,

@@ -10,7 +10,6 @@ the header rules in :mod:`gateway.headers`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from yarl import URL
 from gateway.errors import BodyTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.headers import HeaderRules
 from gateway.http_server import Incoming
+from gateway.identity import Identity
 from gateway.routing import Route, Target
 from gateway.upstream_pool import (
     IDEMPOTENT,
@@ -34,6 +34,7 @@ from gateway.upstream_pool import (
     UpstreamResponse,
     build_head,
 )
+from gateway.websocket import CLOSE_TIMEOUT, ClientSocket, Relay, Sockets
 
 log = logging.getLogger("gateway.proxy")
 
@@ -360,20 +361,30 @@ def is_websocket_upgrade(request: Incoming) -> bool:
 
 async def proxy_websocket(
     client: UpstreamClient,
-    request: web.BaseRequest,
+    sockets: Sockets,
+    incoming: Incoming,
     route: Route,
     path: str,
     query: str,
     headers: CIMultiDict[str],
+    identity: Identity | None,
 ) -> web.StreamResponse:
     """Relay a WebSocket: connect upstream first (so a dead upstream is a clean
-    502), then accept the client with the subprotocol the upstream chose."""
+    502), then accept the client with the subprotocol the upstream chose, then
+    relay until either side or the socket's lifetime ends it
+    (:mod:`gateway.websocket`)."""
+    request = incoming.as_aiohttp()
     protocols = [
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
     ]
     for name in list(headers):
         if name.lower() in _WS_HANDSHAKE:
             del headers[name]
+    # A message is assembled whole before it is relayed: its limit is memory
+    # held per socket, so the smaller of the two.
+    # aiohttp refuses a frame of exactly its max_msg_size: one more byte lets a
+    # message of exactly the limit through.
+    max_message = min(route.max_body, sockets.limits.max_message) + 1
     upstream_ws = None
     for target in route.balancer.candidates():
         try:
@@ -384,9 +395,11 @@ async def proxy_websocket(
                     _url(target, path, query),
                     headers=headers,
                     protocols=protocols,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
-                    max_msg_size=route.max_body,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
+                    max_msg_size=max_message,
                     autoping=True,
+                    # The relay passes each close frame on (gateway.websocket).
+                    autoclose=False,
                 )
             break
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
@@ -401,46 +414,22 @@ async def proxy_websocket(
             raise UpstreamUnavailable() from None
     if upstream_ws is None:
         raise UpstreamUnavailable()
-    downstream = web.WebSocketResponse(
+    downstream = ClientSocket(
         protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
-        max_msg_size=route.max_body,
+        max_msg_size=max_message,
         autoping=True,
+        autoclose=False,
+        timeout=CLOSE_TIMEOUT,
     )
     try:
         await downstream.prepare(request)
-        await _relay(downstream, upstream_ws)
-    finally:
-        await upstream_ws.close()
-        await downstream.close()
-    return downstream
-
-
-async def _relay(
-    downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
-) -> None:
-    async def pump(
-        source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-        sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    ) -> None:
-        async for message in source:
-            if message.type is aiohttp.WSMsgType.TEXT:
-                await sink.send_str(message.data)
-            elif message.type is aiohttp.WSMsgType.BINARY:
-                await sink.send_bytes(message.data)
-            else:
-                break
-        # One side closed: close the other with the same code when there was one.
-        code = source.close_code or aiohttp.WSCloseCode.OK
-        with contextlib.suppress(Exception):
-            await sink.close(code=code)
-
-    tasks = [
-        asyncio.create_task(pump(downstream, upstream)),
-        asyncio.create_task(pump(upstream, downstream)),
-    ]
+    except BaseException:
+        upstream_ws._response.close()
+        raise
+    relay = Relay(incoming, downstream, upstream_ws, sockets.limits, sockets.lifetime(identity))
+    sockets.add(relay)
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await relay.run()
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        sockets.discard(relay)
+    return downstream

@@ -160,8 +160,13 @@ class Listener:
             await asyncio.sleep(drain_delay)
         if self._server is not None:
             self._server.close()
+        # Open WebSockets would hold the drain for all of shutdown_grace: they are
+        # closed with 1001 (going away) now, each close bounded within the grace.
+        grace = self.config.server.shutdown_grace
+        sockets = asyncio.create_task(self.gateway.websockets.close_all(grace))
         if self._http is not None:
-            await self._http.drain(self.config.server.shutdown_grace)
+            await self._http.drain(grace)
+        await sockets
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

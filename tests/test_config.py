@@ -335,3 +335,29 @@ def test_ipv6_prefix_refused(value: object) -> None:
     assert problems(minimal(rate_limits={"ipv6_prefix": value})) == [
         "rate_limits.ipv6_prefix: must be a prefix length from 1 to 128"
     ]
+
+
+def test_websocket_keys_have_documented_defaults_and_parse() -> None:
+    cfg = build_config(minimal(), env={})
+    assert cfg.server.websocket_idle_timeout == 300
+    assert cfg.server.websocket_max_message == 1024 * 1024
+    cfg = build_config(
+        minimal(server={"websocket_idle_timeout": "90s", "websocket_max_message": "64KiB"}), env={}
+    )
+    assert cfg.server.websocket_idle_timeout == 90
+    assert cfg.server.websocket_max_message == 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("server", "expected"),
+    [
+        ({"websocket_idle_timeout": 0}, "server.websocket_idle_timeout: must be greater than 0"),
+        ({"websocket_idle_timeout": "soon"}, "server.websocket_idle_timeout: "),
+        ({"websocket_max_message": 0}, "server.websocket_max_message: must be greater than 0"),
+        ({"websocket_max_message": "1 lot"}, "server.websocket_max_message: "),
+        ({"websocket_max_msg": "1MiB"}, "server.websocket_max_msg: unknown key"),
+    ],
+)
+def test_websocket_keys_are_validated(server: dict[str, Any], expected: str) -> None:
+    found = problems(minimal(server=server))
+    assert len(found) == 1 and found[0].startswith(expected), found

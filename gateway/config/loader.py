@@ -180,6 +180,13 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
+def _positive_size(value: Any) -> int:
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError("must be greater than 0")
+    return size
+
+
 def _ipv6_prefix(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError("must be a prefix length from 1 to 128")
@@ -349,6 +356,12 @@ def _server(raw: Any, errors: list[str]) -> m.ServerConfig:
         idle_timeout=s.get("idle_timeout", _positive_duration, m.DEFAULT_IDLE_TIMEOUT),
         upstream_idle_timeout=s.get(
             "upstream_idle_timeout", _positive_duration, m.DEFAULT_UPSTREAM_IDLE_TIMEOUT
+        ),
+        websocket_idle_timeout=s.get(
+            "websocket_idle_timeout", _positive_duration, m.DEFAULT_WEBSOCKET_IDLE_TIMEOUT
+        ),
+        websocket_max_message=s.get(
+            "websocket_max_message", _positive_size, m.DEFAULT_WEBSOCKET_MAX_MESSAGE
         ),
     )
     s.finish()

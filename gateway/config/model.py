@@ -43,6 +43,11 @@ DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_UPSTREAM_IDLE_TIMEOUT = 4.0
 DEFAULT_BODY_TIMEOUT = 60.0
 DEFAULT_IDLE_TIMEOUT = 75.0
+# WebSockets (docs/design.md, "WebSocket lifetime"): closed after this long
+# with no message relayed either way, and messages over this size are refused
+# (1009) whatever the route's max_body, since a message is held whole.
+DEFAULT_WEBSOCKET_IDLE_TIMEOUT = 300.0
+DEFAULT_WEBSOCKET_MAX_MESSAGE = 1024 * 1024
 MIN_TOKEN_SECRET_BYTES = 32
 
 
@@ -93,6 +98,12 @@ class ServerConfig:
     # How long a keep-alive connection to an upstream waits for reuse (nginx's
     # upstream keepalive_timeout): below the upstreams' own, see upstream_pool.
     upstream_idle_timeout: float = DEFAULT_UPSTREAM_IDLE_TIMEOUT
+    # A WebSocket with no message relayed either way for this long is closed
+    # (pings do not count: a stolen token must not keep a socket by pinging).
+    websocket_idle_timeout: float = DEFAULT_WEBSOCKET_IDLE_TIMEOUT
+    # A WebSocket message is assembled whole before it is relayed, so its size
+    # is memory held per socket: kept far below max_body.
+    websocket_max_message: int = DEFAULT_WEBSOCKET_MAX_MESSAGE
 
 
 @dataclass(frozen=True, slots=True)

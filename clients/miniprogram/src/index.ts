@@ -251,6 +251,27 @@ export interface SocketOptions {
   header?: Record<string, string>;
   protocols?: string[];
   timeout?: number;
+  /**
+   * Reconnect with a fresh token when the gateway closes the socket with 1008
+   * (policy violation: the token expired or was revoked). Default true.
+   */
+  reconnect?: boolean;
+}
+
+/** The close code the gateway sends when a socket's token expired or was revoked. */
+export const POLICY_VIOLATION = 1008;
+/** Reconnects in a row (without a message received in between) before giving up. */
+export const MAX_SOCKET_RECONNECTS = 3;
+
+/**
+ * What `connectSocket()` returns: a `SocketTask` that survives the end of its
+ * token. When the gateway closes it with 1008 (token expired or revoked), it
+ * logs in again, opens a new socket with the fresh token and keeps every
+ * listener: `onOpen` runs again (resubscribe there), `onReconnect` tells why,
+ * and `onClose` only runs for the final close.
+ */
+export interface GatewaySocket extends WxSocketTask {
+  onReconnect(callback: (res: { code: number; reason: string }) => void): void;
 }
 
 export const DEFAULT_RELOGIN_ON: readonly string[] = ["token_expired", "token_revoked", "token_missing"];
@@ -345,6 +366,8 @@ export class GatewayClient {
   private inflight: Promise<LoginResult> | null = null;
   /** Bumped by logout(), so a login that was in flight does not store its token afterwards. */
   private epoch = 0;
+  /** Open sockets: logout() closes them (they must not log in again by themselves). */
+  private readonly sockets = new Set<ReconnectingSocket>();
 
   constructor(options: GatewayClientOptions) {
     if (!options || typeof options.baseUrl !== "string" || !/^https?:\/\//.test(options.baseUrl)) {
@@ -660,13 +683,35 @@ export class GatewayClient {
   /**
    * wx.connectSocket to the gateway (ws:// or wss://) with the token header.
    * The token is refreshed first if missing or about to expire; a refused
-   * handshake is not retried (wx reports no status for it).
+   * handshake is not retried (wx reports no status for it). The gateway
+   * closes a socket with 1008 when its token expires or is revoked: the
+   * returned socket then logs in again and reconnects (see GatewaySocket;
+   * `reconnect: false` turns that off).
    */
-  async connectSocket(options: SocketOptions): Promise<WxSocketTask> {
+  async connectSocket(options: SocketOptions): Promise<GatewaySocket> {
     if (/^[a-z][a-z0-9+.-]*:/i.test(options.url) || options.url.startsWith("//")) {
       throw new TypeError("GatewayClient.connectSocket: pass a path; the token is only sent to the gateway");
     }
     const token = await this.ensureToken();
+    const socket = new ReconnectingSocket(
+      (failed: string | null) => this.reopenSocket(options, failed),
+      options.reconnect !== false,
+      (s) => this.sockets.delete(s),
+      (failed) => this.dropIfCurrent(failed),
+    );
+    this.sockets.add(socket);
+    socket.start(this.openTask(options, token), token);
+    return socket;
+  }
+
+  /** After a 1008: a task with a token other than `failed` (a new login unless another call made one). */
+  private async reopenSocket(options: SocketOptions, failed: string | null): Promise<{ task: WxSocketTask; token: string }> {
+    this.dropIfCurrent(failed);
+    const token = await this.tokenAfterFailure(failed);
+    return { task: this.openTask(options, token), token };
+  }
+
+  private openTask(options: SocketOptions, token: string): WxSocketTask {
     const base = (this.options.socketUrl || this.baseUrl.replace(/^http/, "ws")).replace(/\/+$/, "");
     const path = options.url.startsWith("/") ? options.url : "/" + options.url;
     return this.wx.connectSocket({
@@ -717,6 +762,7 @@ export class GatewayClient {
    */
   async logout(): Promise<void> {
     this.epoch += 1;
+    for (const socket of [...this.sockets]) socket.close({ code: 1000, reason: "logout" });
     const token = this.getToken();
     this.clearSession();
     if (!token) return;
@@ -728,6 +774,121 @@ export class GatewayClient {
     });
     if (res.statusCode === 200 || res.statusCode === 401) return;
     throw errorFrom(res.statusCode, res.data, res.header);
+  }
+}
+
+type Listeners = {
+  open: ((res: { header?: Record<string, string> }) => void)[];
+  message: ((res: { data: string | ArrayBuffer }) => void)[];
+  error: ((err: WxGeneralError) => void)[];
+  close: ((res: { code: number; reason: string }) => void)[];
+  reconnect: ((res: { code: number; reason: string }) => void)[];
+};
+
+/** A SocketTask that replaces itself after a 1008 close (see GatewaySocket). */
+class ReconnectingSocket implements GatewaySocket {
+  private task: WxSocketTask | null = null;
+  private token: string | null = null;
+  private closedByUser = false;
+  private finished = false;
+  private reconnects = 0;
+  private readonly listeners: Listeners = { open: [], message: [], error: [], close: [], reconnect: [] };
+
+  constructor(
+    private readonly open: (failed: string | null) => Promise<{ task: WxSocketTask; token: string }>,
+    private readonly reconnect: boolean,
+    private readonly onFinished: (socket: ReconnectingSocket) => void,
+    private readonly forget: (token: string | null) => void,
+  ) {}
+
+  start(task: WxSocketTask, token: string): void {
+    this.task = task;
+    this.token = token;
+    // Events of a task this socket replaced are ignored.
+    const current = () => this.task === task;
+    task.onOpen((res) => {
+      if (current()) for (const cb of this.listeners.open) cb(res);
+    });
+    task.onMessage((res) => {
+      if (!current()) return;
+      this.reconnects = 0; // the socket works: the next 1008 may reconnect again
+      for (const cb of this.listeners.message) cb(res);
+    });
+    task.onError((err) => {
+      if (current()) for (const cb of this.listeners.error) cb(err);
+    });
+    task.onClose((res) => {
+      if (current()) this.closed(res);
+    });
+  }
+
+  private closed(res: { code: number; reason: string }): void {
+    const again =
+      res.code === POLICY_VIOLATION &&
+      this.reconnect &&
+      !this.closedByUser &&
+      this.reconnects < MAX_SOCKET_RECONNECTS;
+    if (!again) {
+      // A 1008 means the gateway will not take this token again, reconnecting or not.
+      if (res.code === POLICY_VIOLATION) this.forget(this.token);
+      this.finish(res);
+      return;
+    }
+    this.reconnects += 1;
+    this.task = null;
+    for (const cb of this.listeners.reconnect) cb(res);
+    this.open(this.token).then(
+      ({ task, token }) => {
+        if (this.closedByUser) {
+          task.close({ code: 1000 });
+          this.finish({ code: 1000, reason: "closed" });
+        } else {
+          this.start(task, token);
+        }
+      },
+      (err: unknown) => {
+        // No new token (login failed): the socket ends with the gateway's close.
+        const errMsg = err instanceof Error ? err.message : String(err);
+        for (const cb of this.listeners.error) cb({ errMsg: `connectSocket:fail ${errMsg}` });
+        this.finish(res);
+      },
+    );
+  }
+
+  private finish(res: { code: number; reason: string }): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.onFinished(this);
+    for (const cb of this.listeners.close) cb(res);
+  }
+
+  send(options: { data: string | ArrayBuffer; success?: () => void; fail?: (err: WxGeneralError) => void }): void {
+    if (this.task === null) {
+      options.fail?.({ errMsg: "sendSocketMessage:fail reconnecting" });
+      return;
+    }
+    this.task.send(options);
+  }
+
+  close(options?: { code?: number; reason?: string }): void {
+    this.closedByUser = true;
+    if (this.task !== null) this.task.close(options);
+  }
+
+  onOpen(callback: (res: { header?: Record<string, string> }) => void): void {
+    this.listeners.open.push(callback);
+  }
+  onMessage(callback: (res: { data: string | ArrayBuffer }) => void): void {
+    this.listeners.message.push(callback);
+  }
+  onError(callback: (err: WxGeneralError) => void): void {
+    this.listeners.error.push(callback);
+  }
+  onClose(callback: (res: { code: number; reason: string }) => void): void {
+    this.listeners.close.push(callback);
+  }
+  onReconnect(callback: (res: { code: number; reason: string }) => void): void {
+    this.listeners.reconnect.push(callback);
   }
 }
 

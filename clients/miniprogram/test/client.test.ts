@@ -9,7 +9,14 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { after, before, describe, test as nodeTest } from "node:test";
 
-import { GatewayClient, GatewayClientOptions, GatewayError, createClient } from "../src/index";
+import {
+  GatewayClient,
+  GatewayClientOptions,
+  GatewayError,
+  SocketOptions,
+  WxSocketTask,
+  createClient,
+} from "../src/index";
 import {
   APPID,
   Stack,
@@ -459,6 +466,97 @@ describe("wx-gateway mini-program client", () => {
     const { code } = await closed;
     assert.equal(code, 1000);
     assert.deepEqual(errors, []);
+  });
+
+  /** Wait (bounded) until `ready()` holds. */
+  async function until(ready: () => boolean, what: string, ms = 10_000): Promise<void> {
+    const deadline = Date.now() + ms;
+    while (!ready()) {
+      if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+      await sleep(20);
+    }
+  }
+
+  // Typed as the plain SocketTask, so this suite also runs (and fails) against a
+  // client without reconnection.
+  function watch(socket: WxSocketTask & { onReconnect?: (cb: (r: { code: number; reason: string }) => void) => void }) {
+    const seen = { opens: 0, messages: [] as string[], reconnects: [] as number[], closes: [] as number[] };
+    socket.onOpen(() => (seen.opens += 1));
+    socket.onMessage((m) => seen.messages.push(String(m.data)));
+    socket.onReconnect?.((r) => seen.reconnects.push(r.code));
+    socket.onClose((r) => seen.closes.push(r.code));
+    return seen;
+  }
+
+  test("a socket closed with 1008 when its token is revoked logs in again and reconnects", async () => {
+    const { wx, client } = setup("socket-revoked");
+    const socket = await client.connectSocket({ url: "/rec/ws?revoked=1" });
+    const seen = watch(socket);
+    await until(() => seen.messages.length === 1, "the first socket's hello");
+    const first = client.getToken();
+    assert.ok(first);
+    // Revoked elsewhere (the user logged out on another page): the gateway closes with 1008.
+    const res = await rawHttp(stack.main.url + "/auth/logout", {
+      method: "POST",
+      headers: { Authorization: `Bearer ${first}` },
+    });
+    assert.equal(res.status, 200);
+    await until(() => seen.opens === 2 && seen.messages.length === 2, "the second socket's hello");
+    assert.deepEqual(seen.reconnects, [1008]);
+    assert.deepEqual(seen.closes, [], "onClose waits for the final close");
+    assert.equal(wx.loginCalls, 2);
+    const handshakes = wx.sent.filter((s) => s.kind === "socket");
+    assert.equal(handshakes.length, 2);
+    assert.equal(handshakes[0].header["Authorization"], `Bearer ${first}`);
+    assert.equal(handshakes[1].header["Authorization"], `Bearer ${client.getToken()}`);
+    assert.notEqual(client.getToken(), first);
+    assert.equal(JSON.parse(seen.messages[1]).openid, fakeOpenid("socket-revoked"));
+    // The new socket relays, and the user's close is final.
+    socket.send({ data: "again" });
+    await until(() => seen.messages.includes("echo:again"), "the echo on the new socket");
+    socket.close({ code: 1000 });
+    await until(() => seen.closes.length === 1, "the close");
+    assert.deepEqual(seen.closes, [1000]);
+  });
+
+  test("a socket closed with 1008 when its token expires reconnects with a fresh token", async () => {
+    const wx = new WxShim("socket-expired");
+    shims.push(wx);
+    // The short gateway's tokens live 1 s: the gateway closes the socket at exp.
+    const client = createClient({ baseUrl: stack.short.url, wx, tokenHeader: "X-WX-Token" });
+    const socket = await client.connectSocket({ url: "/rec/ws?expired=1" });
+    const seen = watch(socket);
+    await until(() => seen.opens >= 2, "the reconnect after exp");
+    assert.equal(seen.reconnects[0], 1008);
+    assert.deepEqual(seen.closes, []);
+    assert.ok(wx.loginCalls >= 2);
+    const tokens = wx.sent.filter((s) => s.kind === "socket").map((s) => s.header["X-WX-Token"]);
+    assert.ok(tokens.length >= 2);
+    assert.notEqual(tokens[0], tokens[1]);
+    socket.close({ code: 1000 });
+    await until(() => seen.closes.length === 1, "the close");
+  });
+
+  test("with reconnect: false, or after logout(), a socket is not reopened", async () => {
+    const { wx, client } = setup("socket-no-reconnect");
+    const socket = await client.connectSocket({ url: "/rec/ws?once=1", reconnect: false } as SocketOptions);
+    const seen = watch(socket);
+    await until(() => seen.messages.length === 1, "the hello");
+    const token = client.getToken();
+    await rawHttp(stack.main.url + "/auth/logout", { method: "POST", headers: { Authorization: `Bearer ${token}` } });
+    await until(() => seen.closes.length === 1, "the 1008 close");
+    assert.deepEqual(seen.closes, [1008]);
+    assert.deepEqual(seen.reconnects, []);
+    assert.equal(wx.loginCalls, 1);
+
+    const other = await client.connectSocket({ url: "/rec/ws?logout=1" });
+    const seenOther = watch(other);
+    await until(() => seenOther.messages.length === 1, "the hello");
+    await client.logout();
+    await until(() => seenOther.closes.length === 1, "the close at logout");
+    assert.deepEqual(seenOther.reconnects, []);
+    assert.equal(wx.loginCalls, 2);
+    assert.equal(client.getToken(), null);
   });
 
   test("the token is never sent to another host", async () => {
