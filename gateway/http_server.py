@@ -72,6 +72,24 @@ def _only_chunked(raw_headers: tuple[tuple[bytes, bytes], ...]) -> bool:
     return codings == [b"chunked"]
 
 
+def _asks_keep_alive(message: RawRequestMessage) -> bool:
+    return any(
+        token.strip().lower() == "keep-alive"
+        for value in message.headers.getall("Connection", ())
+        for token in value.split(",")
+    )
+
+
+def _maybe_head(window: bytes) -> bool:
+    """Whether the request the parser refused may be a HEAD, or be behind one
+    lost with it (aiohttp's parser raises for the whole read): the client pairs
+    the refusal with the first request it has no answer to, and a body after an
+    answer to HEAD would be read as the start of the next answer. ``window``:
+    the reads since the last one that completed a request head, which hold
+    that first request's start (a false "yes" only costs the JSON body)."""
+    return window.startswith(b"HEAD ") or b"\nHEAD " in window
+
+
 def _holds_bytes(parser: HttpParser[Any]) -> bool:
     """Whether ``parser`` has begun a message it has not delivered (read bytes
     past the last complete one). Spoils the parser: only for one being dropped."""
@@ -153,6 +171,10 @@ class Incoming:
         self.keep_alive = (
             not message.should_close and not protocol.server.draining and not protocol.last_served
         )
+        if self.keep_alive and message.version.minor == 0 and not _asks_keep_alive(message):
+            # llhttp also reads Proxy-Connection; HTTP/1.0 persists only on an
+            # explicit "Connection: keep-alive" (RFC 9112 9.3, as h11 reads it).
+            self.keep_alive = False
         self.responded = False
         self.finished = False
         self.status = 0
@@ -332,6 +354,14 @@ class HttpProtocol(BaseProtocol):
         self._ws_parser: WebSocketReader | None = None
         self._ws_callback: Callable[[], None] | None = None
         self._tail = b""
+        # The reads since the last one that completed a request head (references,
+        # no copies; at most 2 * READ_LIMIT bytes), only looked at if the parser
+        # refuses a read: they hold the start of the first request not delivered
+        # (see _maybe_head).
+        self._prev = b""
+        self._since: list[bytes] | None = None
+        self._since_size = 0
+        self._refused_head: bool | None = False
         self._stop_reading = False
         self._eof = False
         self._idle_since = 0.0
@@ -419,8 +449,18 @@ class HttpProtocol(BaseProtocol):
             messages, upgraded, tail = self._parser.feed_data(data)
         except HttpProcessingError as exc:
             # Nothing after a framing error can be trusted: answer it, then close.
+            # A body under way (its trailer section was the bad part) cannot end
+            # now: its handler learns at once, rather than at body_timeout.
             self._stop_reading = True
+            self._fail_payloads(exc)
+            reads = [self._prev, *(self._since or ()), data]
+            self._refused_head = None if _maybe_head(b"".join(reads)) else False
             messages, upgraded, tail = [(exc, None)], False, b""
+        else:
+            if messages:
+                self._prev, self._since = data, None
+            else:
+                self._keep_read(data)
         if upgraded:
             self._upgraded = True
             self._tail = tail
@@ -442,6 +482,17 @@ class HttpProtocol(BaseProtocol):
             if len(self._queue) >= MAX_QUEUED and not self._buffer_paused:
                 self._pause_reading_for_buffer()
             self._process()
+
+    def _keep_read(self, data: bytes) -> None:
+        since = self._since
+        if since is None:
+            self._since, self._since_size = [data], len(data)
+            return
+        since.append(data)
+        self._since_size += len(data)
+        if self._since_size > 2 * READ_LIMIT:
+            # A body, or a head longer than this: its start is far behind.
+            self._prev, self._since, self._since_size = b"", [data], len(data)
 
     def _sever(self, messages: Any) -> Any:
         """Give each chunked request's successor a parser of its own.
@@ -508,11 +559,21 @@ class HttpProtocol(BaseProtocol):
         return True
 
     def _fail_payloads(self, exc: BaseException) -> None:
+        if isinstance(exc, HttpProcessingError):
+            # What the handlers know as a broken body (400, never a 500).
+            exc = RequestPayloadError("the request body is malformed")
         current = self._current.content if self._current is not None else None
         payloads = [current, *(queued for _, queued in self._queue)]
         for payload in payloads:
             if payload is not None and payload is not EMPTY_PAYLOAD and not payload.is_eof():
                 payload.set_exception(exc)
+                # aiohttp's StreamReader wakes its reader at the end of each chunk,
+                # data or not, and a woken read() waits again without looking at
+                # the exception: a reader woken earlier in this pass (the read that
+                # failed also ended a chunk) would miss it and wait for ever, its
+                # request neither answered nor failed. Set once more after that
+                # reader has resumed, the exception reaches its new wait.
+                self.loop.call_soon(payload.set_exception, exc)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -634,14 +695,15 @@ class HttpProtocol(BaseProtocol):
                 if self._buffer_paused and len(self._queue) <= MAX_QUEUED // 2:
                     self._resume_reading_for_buffer()
                 if isinstance(message, HttpProcessingError):
-                    self._refuse(message)
+                    self._refuse(message, head=self._refused_head)
                     self.close()
                     return
                 if message.chunked and not _only_chunked(message.raw_headers):
                     # llhttp frames "gzip, chunked" as chunked; forwarding that as
                     # bare chunked would drop a coding silently (contract section 8).
                     self._refuse(
-                        HttpProcessingError(code=501, message="unsupported transfer coding")
+                        HttpProcessingError(code=501, message="unsupported transfer coding"),
+                        head=message.method == "HEAD",
                     )
                     self.close()
                     return
@@ -736,12 +798,21 @@ class HttpProtocol(BaseProtocol):
         transport = self.transport
         if transport is None:
             return
+        if self._eof:
+            # The client has finished sending: nothing left to read and drop.
+            self.close()
+            return
         self._stop_reading = True
         self._lingering = True
         self._queue.clear()
         self.flush_out()
-        if transport.can_write_eof():
-            transport.write_eof()
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+        except OSError:
+            # The client reset first (ENOTCONN): nothing left to linger for.
+            self.close()
+            return
         if self._reading_paused or self._buffer_paused:
             self._reading_paused = self._buffer_paused = False
             self._resume_transport_reading()
@@ -753,12 +824,18 @@ class HttpProtocol(BaseProtocol):
     def _linger_on(self) -> None:
         self._last_read = self.loop.time()
 
-    def _refuse(self, exc: HttpProcessingError) -> None:
+    def _refuse(self, exc: HttpProcessingError, *, head: bool | None = False) -> None:
+        """Answer a request that cannot be served, then the connection closes.
+        ``head``: True, it was a HEAD, whose answer carries no body; None, it may
+        have been one (bytes the parser refused): no body and ``Content-Length:
+        0``, an answer framed alike whichever request the client pairs it with."""
         # The class and status only: the parser's message quotes the offending
         # bytes, which may be a token or a query string (never logged).
         log.debug("refused a malformed request (%s, %d)", type(exc).__name__, exc.code)
         status = exc.code if 400 <= exc.code < 500 or exc.code == 501 else 400
-        response = status_error(status)
+        response = status_error(
+            status, "The transfer coding is not supported." if status == 501 else None
+        )
         transport = self.transport
         if transport is None:
             return
@@ -768,10 +845,17 @@ class HttpProtocol(BaseProtocol):
             if name.lower() != "content-length"
         ]
         body = response.body if isinstance(response.body, bytes) else b""
+        length = len(body) if head is not None else 0
         self.flush_out()
         transport.write(
             b"HTTP/1.1 %d %s\r\n%bContent-Length: %d\r\nConnection: close\r\n\r\n%b"
-            % (status, _reason(status).encode(), b"".join(lines), len(body), body)
+            % (
+                status,
+                _reason(status).encode(),
+                b"".join(lines),
+                length,
+                body if head is False else b"",
+            )
         )
 
     # -- client timeouts ---------------------------------------------------------------

@@ -720,3 +720,178 @@ async def test_a_transfer_coding_besides_chunked_is_refused(
 
 
 GET_PUBLIC_AFTER = b"GET /public/after HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+
+async def test_a_head_refused_for_its_transfer_coding_gets_no_body(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    # An answer to HEAD carries no body, whatever its Content-Length says: body
+    # bytes after the head would be read as the start of the next answer.
+    gw = await serving(start_gateway, raw_upstream)
+    request = (
+        b"HEAD /public/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+    )
+    async with plain_socket(gw.listener.port) as sock:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, request), 5.0)
+        data, ended = await read_to_end(sock, 5.0)
+    head, sep, after = data.partition(b"\r\n\r\n")
+    assert sep and head.startswith(b"HTTP/1.1 501 "), data
+    assert b"content-length: " in head.lower()  # the length a GET's answer would have
+    assert after == b"", f"body bytes after a HEAD's answer: {after!r}"
+    assert ended
+    assert raw_upstream.seen == []
+
+
+# -- bodies that cannot end: every request is answered or failed at once -------------------
+async def answer_within(conn: Conn, seconds: float) -> tuple[list[Response], float]:
+    started = time.monotonic()
+    answers = await conn.responses(1, timeout=seconds)
+    return answers, time.monotonic() - started
+
+
+async def test_a_trailer_error_in_the_read_that_ends_a_chunk_fails_the_body_at_once(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    # The read that brings the CRLF ending a data chunk also brings a trailer
+    # section llhttp refuses (a second Host). aiohttp's body reader is woken by the
+    # chunk's end, with no data, and would wait again without seeing the error set
+    # in the same pass: the request, its body half forwarded, got neither an
+    # answer nor a failure until body_timeout (found by the differential test).
+    gw = await serving(start_gateway, raw_upstream, server={"body_timeout": "30s"})
+    conn = await Conn.open(gw.listener.port)
+    try:
+        await conn.send(
+            b"POST /public/upload HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r"
+        )
+        await asyncio.sleep(0.3)  # the body is being forwarded; its reader waits for more
+        await conn.send(b"\n0\r\nHost: trailer.example\r\nX-A: 1\r\n\r\n")
+        answers, took = await answer_within(conn, 5.0)
+    finally:
+        await conn.close()
+    assert [(r.status, error_code(r)) for r in answers] == [(400, "bad_request")]
+    assert answers[0].header("connection") == "close"
+    assert took < 2.0, f"answered after {took:.1f} s"
+    assert raw_upstream.seen == []  # the upstream never got a complete request
+
+
+async def test_a_malformed_trailer_section_is_answered_at_once(
+    start_gateway: StartGateway, raw_upstream: RawUpstream
+) -> None:
+    # The body's last chunk came in an earlier read; its trailer section, refused
+    # by llhttp, comes later. The request being served learns at once, rather
+    # than when body_timeout runs out.
+    gw = await serving(start_gateway, raw_upstream, server={"body_timeout": "30s"})
+    conn = await Conn.open(gw.listener.port)
+    try:
+        await conn.send(
+            b"POST /public/upload HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n"
+        )
+        await asyncio.sleep(0.3)
+        await conn.send(b"Host: trailer.example\r\nX-A: 1\r\n\r\n")
+        answers, took = await answer_within(conn, 5.0)
+    finally:
+        await conn.close()
+    assert [(r.status, error_code(r)) for r in answers] == [(400, "bad_request")]
+    assert took < 2.0, f"answered after {took:.1f} s"
+    assert raw_upstream.seen == []
+
+
+async def test_a_client_that_half_closes_mid_body_gets_400(
+    start_gateway: StartGateway, raw_upstream: RawUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client ends its side before Content-Length is reached: the body is
+    # malformed (400), not an error of the gateway's (500, logged as unhandled).
+    gw = await serving(start_gateway, raw_upstream, server={"body_timeout": "30s"})
+    conn = await Conn.open(gw.listener.port)
+    try:
+        await conn.send(
+            b"POST /public/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\nonly ten b"
+        )
+        await asyncio.sleep(0.3)
+        conn.writer.write_eof()
+        answers, took = await answer_within(conn, 5.0)
+        # Nothing more can come from the client: no lingering close to wait out.
+        # (Not seen from outside: the client has had the gateway's FIN either way.)
+        await asyncio.sleep(1.0)
+        held = len(gw.listener._http.connections) if gw.listener._http is not None else 0
+    finally:
+        await conn.close()
+    assert [(r.status, error_code(r)) for r in answers] == [(400, "bad_request")]
+    assert took < 2.0, f"answered after {took:.1f} s"
+    assert not held, "the gateway lingered on a connection the client had half-closed"
+    unhandled = [r.getMessage() for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert unhandled == []
+    assert raw_upstream.seen == []
+
+
+@pytest.mark.parametrize(
+    ("field", "served"),
+    [("Proxy-Connection: keep-alive", 1), ("Connection: keep-alive", 2)],
+    ids=["proxy-connection", "connection"],
+)
+async def test_http10_persists_only_on_connection_keep_alive(
+    start_gateway: StartGateway, raw_upstream: RawUpstream, field: str, served: int
+) -> None:
+    # llhttp keeps an HTTP/1.0 connection on Proxy-Connection too; RFC 9112 9.3
+    # (and h11) only on "Connection: keep-alive". A second request pipelined
+    # behind the first is served only on a connection that persists.
+    gw = await serving(start_gateway, raw_upstream)
+    conn = await Conn.open(gw.listener.port)
+    try:
+        await conn.send(
+            f"GET /public/first HTTP/1.0\r\n{field}\r\n\r\n"
+            "GET /public/second HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode()
+        )
+        answers = await conn.responses(2, timeout=3.0)
+    finally:
+        await conn.close()
+    assert [(r.status, r.body) for r in answers] == [
+        (200, b"/public/first"),
+        (200, b"/public/second"),
+    ][:served]
+    if served == 1:
+        assert answers[0].header("connection") == "close"
+        assert conn.closed
+    else:
+        assert answers[0].header("connection") == "keep-alive"
+    await asyncio.sleep(0.2)
+    assert [s.target for s in raw_upstream.seen] == ["/public/first", "/public/second"][:served]
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"HEAD /public/x HTTP/1.1\r\nHost: gw\r\nHost: gw\r\n\r\n"],
+        # Over several reads, the method itself split.
+        [b"H", b"E", b"AD /public/x HTTP/1.1\r\n", b"Host: gw\r\nHost: gw\r\n\r\n"],
+        # The HEAD is lost with the request behind it, refused in the same read
+        # (aiohttp's parser raises for the whole read): the client pairs the 400
+        # with its HEAD.
+        [
+            b"HEAD /public/x HTTP/1.1\r\nHost: gw\r\n\r\nGET /public/y HTTP/1.1\r\nHost: gw\r\nHost: gw\r\n\r\n"
+        ],
+    ],
+    ids=["refused-head", "refused-head-in-pieces", "head-lost-with-a-refused-request"],
+)
+async def test_a_parser_refusal_a_client_may_pair_with_a_head_has_no_body(
+    start_gateway: StartGateway, raw_upstream: RawUpstream, pieces: list[bytes]
+) -> None:
+    # The gateway cannot tell which request the parser refused; the client reads
+    # the refusal as the answer to its first unanswered request. A body after an
+    # answer to HEAD would be read as the start of the next answer: no body, and
+    # Content-Length 0, framed alike whichever request it is paired with.
+    gw = await serving(start_gateway, raw_upstream)
+    loop = asyncio.get_running_loop()
+    async with plain_socket(gw.listener.port) as sock:
+        for piece in pieces:
+            await asyncio.wait_for(loop.sock_sendall(sock, piece), 5.0)
+            await asyncio.sleep(0.05)  # each piece a read of its own
+        data, ended = await read_to_end(sock, 5.0)
+    head, sep, after = data.partition(b"\r\n\r\n")
+    assert sep and head.startswith(b"HTTP/1.1 400 "), data
+    assert b"\r\ncontent-length: 0\r\n" in head.lower() + b"\r\n"
+    assert after == b"", f"body bytes after the refusal: {after!r}"
+    assert ended
+    assert raw_upstream.seen == []
