@@ -574,7 +574,7 @@ async def test_fast_lane_request_of_a_client_that_resets_is_finished(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     conn.writer.transport.abort()  # linger 0: the close is a reset
     out, paths = "", []
-    end = time.monotonic() + 5.0
+    end = time.monotonic() + 15.0  # generous: a busy CI host delays the log's writer thread
     while time.monotonic() < end:
         await asyncio.sleep(0.1)
         out += capfd.readouterr().out
