@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import HttpParser, HttpRequestParser, RawRequestMessage
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.http_websocket import WebSocketReader
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -37,6 +37,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.batching import WriteBatch
 from gateway.errors import status_error
+from gateway.framing import holds_bytes
 
 log = logging.getLogger("gateway.server")
 
@@ -89,14 +90,6 @@ def _maybe_head(window: bytes) -> bool:
     that first request's start (a false "yes" only costs the JSON body)."""
     return window.startswith(b"HEAD ") or b"\nHEAD " in window
 
-
-def _holds_bytes(parser: HttpParser[Any]) -> bool:
-    """Whether ``parser`` has begun a message it has not delivered (read bytes
-    past the last complete one). Spoils the parser: only for one being dropped."""
-    try:
-        return parser.feed_eof() is not None
-    except Exception:
-        return True
 
 
 def _reason(status: int) -> str:
@@ -528,7 +521,7 @@ class HttpProtocol(BaseProtocol):
         old = self._parser
         assert old is not None
         self._parser = self._new_parser(self.loop)
-        if rest or _holds_bytes(old):
+        if rest or holds_bytes(old):
             self.last_served = True
             self._stop_reading = True
             if self._buffer_paused:

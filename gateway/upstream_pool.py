@@ -45,18 +45,11 @@ from aiohttp.streams import StreamReader
 
 from gateway.batching import WriteBatch
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.framing import holds_bytes
 
 MAX_IDLE_PER_TARGET = 256
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
-
-def _holds_bytes(parser: HttpParser[Any]) -> bool:
-    """Whether ``parser`` has read bytes past its last complete response.
-    Harmless on a parser between responses; spoils one that holds bytes."""
-    try:
-        return parser.feed_eof() is not None
-    except Exception:
-        return True
 
 
 class ConnectFailed(Exception):
@@ -228,7 +221,7 @@ class UpstreamConnection(BaseProtocol):
         connection, whether it may carry another exchange."""
         self._complete = True
         self._timing = False
-        if _holds_bytes(parser):
+        if holds_bytes(parser):
             self.should_close = True  # an unsolicited extra response, or its start
         if self.message is not None and self.message.chunked:
             # Its trailer fields may still sit in the parser, waiting to become
