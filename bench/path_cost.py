@@ -26,11 +26,11 @@ from typing import Any
 import yaml
 
 from bench.proxy import SECRET
+from gateway.auth.tokens import TokenCodec
 from gateway.config import Secret, TokenConfig, load_config
-from gateway.http_server import HttpServer
-from gateway.server import Listener, _request_done
-from gateway.tokens import TokenCodec
-from gateway.upstream_pool import UpstreamConnection
+from gateway.proxy.pool import UpstreamConnection
+from gateway.runtime.worker import Listener, _request_done
+from gateway.server.protocol import HttpServer
 
 UPSTREAM_PORT = 18080
 # What nginx answers in bench/proxy.py, byte for byte.

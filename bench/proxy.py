@@ -35,8 +35,8 @@ from bench.common import (
     steal_percent,
     wait_http,
 )
+from gateway.auth.tokens import TokenCodec
 from gateway.config import Secret, TokenConfig
-from gateway.tokens import TokenCodec
 
 SECRET = "bench-token-secret-0123456789abcdef0123456789"
 # With two CPUs or more, each contender runs on CPU 0 and the load side (nginx

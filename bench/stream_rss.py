@@ -20,8 +20,8 @@ import yaml
 from aiohttp import web
 
 from bench.common import free_port, rss_kib, start, stop, wait_http
+from gateway.auth.tokens import TokenCodec
 from gateway.config import Secret, TokenConfig
-from gateway.tokens import TokenCodec
 
 SECRET = "bench-token-secret-0123456789abcdef0123456789"
 BLOCK = b"x" * (1024 * 1024)

@@ -4,10 +4,10 @@
 forwarding); 3. the gateway's own endpoints (never proxied); 4. route match;
 5. token policy (strip, then inject); 6. forward, streamed.
 
-The gateway runs on its own lean HTTP/1.1 server (:mod:`gateway.http_server`)
+The gateway runs on its own lean HTTP/1.1 server (:mod:`gateway.server.protocol`)
 rather than ``web.Application``: routing is a longest-prefix match of our own,
 so an application router would only add work per request. A proxied answer is
-written by :mod:`gateway.proxy` straight to the connection; the gateway's own
+written by :mod:`gateway.proxy.forward` straight to the connection; the gateway's own
 endpoints return small aiohttp ``Response`` objects, serialised here.
 """
 
@@ -25,9 +25,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway import proxy, websocket
-from gateway.accesslog import AccessLog
-from gateway.auth import AuthEndpoints
+from gateway.auth.endpoints import AuthEndpoints
+from gateway.auth.identity import Identity, IdentityResolver
 from gateway.config import Config
 from gateway.errors import (
     BadRequest,
@@ -41,15 +40,17 @@ from gateway.errors import (
     error_response,
     json_error,
 )
-from gateway.headers import HeaderRules, request_id_from
-from gateway.http_server import Incoming
-from gateway.identity import Identity, IdentityResolver
-from gateway.metrics import DIR_ENV as METRICS_DIR_ENV
-from gateway.metrics import SAVE_EVERY as METRICS_SAVE_EVERY
-from gateway.metrics import Metrics
-from gateway.paths import BadPath, NormalisedPath, normalise, split_target
-from gateway.routing import Route, Router
-from gateway.services import Services
+from gateway.observability.accesslog import AccessLog
+from gateway.observability.metrics import DIR_ENV as METRICS_DIR_ENV
+from gateway.observability.metrics import SAVE_EVERY as METRICS_SAVE_EVERY
+from gateway.observability.metrics import Metrics
+from gateway.proxy import forward as proxy
+from gateway.proxy import websocket
+from gateway.proxy.headers import HeaderRules, request_id_from
+from gateway.proxy.paths import BadPath, NormalisedPath, normalise, split_target
+from gateway.proxy.routing import Route, Router
+from gateway.runtime.services import Services
+from gateway.server.protocol import Incoming
 from gateway.storage import StorageError
 
 log = logging.getLogger("gateway")
@@ -135,7 +136,7 @@ class Gateway:
     # -- the request path -------------------------------------------------------
     def handle(self, request: Incoming) -> Awaitable[None] | None:
         """Decide everything that needs no I/O at once; return the rest as an
-        awaitable (see :data:`gateway.http_server.Handler`)."""
+        awaitable (see :data:`gateway.server.protocol.Handler`)."""
         scope = Scope(request_id=request_id_from(request.headers))
         request.request_id = scope.request_id
         request.owner = self

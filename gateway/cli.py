@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from gateway import logs  # stdlib logging only: cheap before SIGHUP is held
+from gateway.observability import logs  # stdlib logging only: cheap before SIGHUP is held
 
 # Nothing heavy is imported at module level: ``gateway run`` holds SIGHUP back
 # (``_hold_hangups``) before its first slow step, and importing the config
@@ -52,7 +52,7 @@ def _load(path: str) -> Config | None:
 
 
 def _describe(config: Config) -> str:
-    from gateway.routing import Router
+    from gateway.proxy.routing import Router
 
     lines = ["routes (longest prefix first):"]
     for route in Router(config.routes, config.server.max_body).routes:
@@ -82,7 +82,7 @@ def _hold_hangups() -> None:
 
     Its default action ends the process, and the handler that reloads exists
     only once the gateway serves (about a second of imports and start-up). So
-    SIGHUP is blocked here, first thing; :func:`gateway.server.serve` unblocks
+    SIGHUP is blocked here, first thing; :func:`gateway.runtime.worker.serve` unblocks
     it once its handler is in place, and a hangup that came in between is then
     delivered: a reload, once ready. A hangup from before this point is
     dropped: the config file is read after it. Workers are spawned with SIGHUP
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if config is None:
             return 2
         logs.set_level(config.log.level)  # the gateway's loggers; libraries stay >= INFO
-        from gateway import server
+        from gateway.runtime import worker as server
 
         workers = args.workers or config.server.workers
         if args.worker_of is not None:

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from gateway.auth.tokens import TokenCodec
 from gateway.config import Config, build_config
-from gateway.server import Listener
-from gateway.tokens import TokenCodec
+from gateway.runtime.worker import Listener
 from gateway.wechat import fake
 from tests.upstream import RECORDER, Recorder, create_upstream_app
 

@@ -55,7 +55,7 @@ import h11
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.paths import BadPath, normalise, split_target
+from gateway.proxy.paths import BadPath, normalise, split_target
 from tests.conftest import Running, StartGateway
 
 # -- run size and bounds ------------------------------------------------------------------
@@ -85,7 +85,7 @@ EXAMPLE_TIMEOUT = 30.0  # one example, end to end (only ever reached by a hang)
 ALICE = "o-alice"
 GW_HOST = "gw.example"
 
-# -- the contract's header sets (written out here, not imported from gateway.headers) ------
+# -- the contract's header sets (written out here, not imported from gateway.proxy.headers) ------
 
 HOP_BY_HOP = frozenset(
     {
@@ -854,7 +854,7 @@ def echo(request: UpRequest) -> Reply:
 def expected_target(target: bytes) -> tuple[bytes, str] | None:
     """(the target the upstream must get, the route's name), or None if the
     target cannot be routed. With strip_prefix off the path is the normalised
-    one (gateway.paths has its own tests; only framing is under test here)."""
+    one (gateway.proxy.paths has its own tests; only framing is under test here)."""
     try:
         path, query = split_target(target.decode("utf-8", "surrogateescape"))
         normal = normalise(path)

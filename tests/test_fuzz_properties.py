@@ -1,6 +1,6 @@
 """Property-based fuzzing of the three parsers a client controls the input of:
-the path normaliser (gateway.paths), the header rules (gateway.headers) and the
-token codec and bearer parsing (gateway.tokens).
+the path normaliser (gateway.proxy.paths), the header rules (gateway.proxy.headers) and the
+token codec and bearer parsing (gateway.auth.tokens).
 
 Deterministic for CI: a profile registered here (derandomized, no example
 database, bounded example counts) is applied to each test explicitly, so other
@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.auth.tokens import TokenCodec, bearer_from_header, key_id
 from gateway.config import Config, build_config
 from gateway.errors import TokenExpired, TokenInvalid, TokenMissing
-from gateway.headers import HeaderRules
-from gateway.paths import BadPath, NormalisedPath, normalise
-from gateway.tokens import TokenCodec, bearer_from_header, key_id
+from gateway.proxy.headers import HeaderRules
+from gateway.proxy.paths import BadPath, NormalisedPath, normalise
 from tests.conftest import TOKEN_SECRET, base_config
 
 settings.register_profile(
@@ -51,7 +51,7 @@ def config(**sections: Any) -> Config:
 
 
 # ===================================================================================
-# gateway.paths.normalise
+# gateway.proxy.paths.normalise
 # ===================================================================================
 
 SEGMENTS = [
@@ -249,7 +249,7 @@ def test_forward_keeps_client_encoding(segments: list[str]) -> None:
 
 
 # ===================================================================================
-# gateway.headers.HeaderRules.upstream_request
+# gateway.proxy.headers.HeaderRules.upstream_request
 # ===================================================================================
 
 DEFAULT_CONFIG = config()
@@ -450,7 +450,7 @@ def test_custom_token_header_leaves_authorization_alone(inbound: list[tuple[str,
 
 
 # ===================================================================================
-# gateway.tokens: the codec and bearer parsing
+# gateway.auth.tokens: the codec and bearer parsing
 # ===================================================================================
 
 NOW = 1_800_000_000.0

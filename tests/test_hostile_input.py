@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
+from gateway.auth.tokens import TokenCodec
 from gateway.config import build_config
-from gateway.tokens import TokenCodec
 from tests.conftest import Running, StartGateway, base_config, free_port
 from tests.procs import GatewayProcess, children, wait_healthy, write_config
 from tests.rawhttp import Exchange, Response, exchange

@@ -20,14 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import RouteConfig
-from gateway.paths import BadPath, normalise, normalise_segments, split_target
-from gateway.routing import Router
+from gateway.proxy.paths import BadPath, normalise, normalise_segments, split_target
+from gateway.proxy.routing import Router
 from tests.conftest import Running, StartGateway
 from tests.rawhttp import Response as Reply
 from tests.rawhttp import request_once
 from tests.upstream import Recorder
 
-# -- gateway.paths.normalise ------------------------------------------------------
+# -- gateway.proxy.paths.normalise ------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_normalise_refuses(raw: str) -> None:
         normalise(raw)
 
 
-# -- gateway.routing.Router --------------------------------------------------------
+# -- gateway.proxy.routing.Router --------------------------------------------------------
 
 UPSTREAM = "http://127.0.0.1:9"
 
@@ -218,7 +218,7 @@ def test_strip_prefix(prefix: str, strip: bool, raw: str, upstream_path: str) ->
     assert route.upstream_path(path) == upstream_path
 
 
-# -- gateway.paths.split_target -------------------------------------------------------
+# -- gateway.proxy.paths.split_target -------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.auth.tokens import TokenCodec
 from gateway.config import build_config
-from gateway.tokens import TokenCodec
 from tests.conftest import base_config, free_port
 from tests.procs import GatewayProcess, peak_rss_kib, rss_kib, wait_healthy, write_config
 from tests.upstream import Recorder

@@ -30,9 +30,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.auth.tokens import TokenCodec, VerifiedTokens, bearer_from_header, key_id
 from gateway.config import Secret, TokenConfig
 from gateway.errors import TokenExpired, TokenInvalid, TokenMissing
-from gateway.tokens import TokenCodec, VerifiedTokens, bearer_from_header, key_id
 from gateway.wechat import fake
 from tests.conftest import TOKEN_SECRET, Running, StartGateway
 from tests.rawhttp import Response as Reply
@@ -494,7 +494,7 @@ async def test_tokens_survive_a_restart(start_gateway: StartGateway, seen: Recor
     assert reply.json["openid"] == fake.openid_for("restart-code")
 
 
-# -- gateway.tokens units -----------------------------------------------------------------
+# -- gateway.auth.tokens units -----------------------------------------------------------------
 
 
 def codec(

@@ -1,4 +1,4 @@
-"""Writes held to the end of the loop's pass (gateway.batching) keep every
+"""Writes held to the end of the loop's pass (gateway.server.batching) keep every
 answer whole and in order, whichever path sends the next one."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import aiohttp
 
-from gateway.batching import WriteBatch
+from gateway.server.batching import WriteBatch
 from tests.conftest import Running
 from tests.rawhttp import exchange
 from tests.upstream import Recorder

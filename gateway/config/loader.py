@@ -315,7 +315,7 @@ def _storage_url(value: Any) -> str:
 
 
 def _route_prefix(value: Any) -> str:
-    from gateway.paths import BadPath, normalise  # local: paths is a leaf module
+    from gateway.proxy.paths import BadPath, normalise  # local: paths is a leaf module
 
     text = _nonempty(value)
     if not text.startswith("/"):

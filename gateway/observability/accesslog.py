@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from gateway.config import Config
 
 if TYPE_CHECKING:
-    from gateway.http_server import Incoming
+    from gateway.server.protocol import Incoming
 
 log = logging.getLogger("gateway.access")
 MAX_PENDING = 1024  # batches waiting for the writer thread

@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from gateway.auth.revocations import Revocations
+from gateway.auth.tokens import TokenCodec
 from gateway.config import Config
 from gateway.errors import NotReady
-from gateway.metrics import Metrics
-from gateway.sessions import Revocations
+from gateway.observability.metrics import Metrics
 from gateway.storage import Storage, StorageError
 from gateway.storage.sqlite import SQLiteStorage, sqlite_path_from_url
-from gateway.tokens import TokenCodec
 from gateway.wechat.access_token import AccessTokens
 from gateway.wechat.client import WechatClient
 

@@ -26,12 +26,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from gateway import logs
 from gateway.app import Gateway
 from gateway.config import Config, ConfigError, load_config
-from gateway.http_server import HttpServer, Incoming
-from gateway.metrics import DIR_ENV as METRICS_DIR_ENV
-from gateway.metrics import shared_directory
+from gateway.observability import logs
+from gateway.observability.metrics import DIR_ENV as METRICS_DIR_ENV
+from gateway.observability.metrics import shared_directory
+from gateway.server.protocol import HttpServer, Incoming
 
 log = logging.getLogger("gateway")
 
@@ -132,7 +132,7 @@ class Listener:
                 return False
             retired, self.gateway, self.config = self.gateway, gateway, new
             self._apply_server_limits()
-            logs.set_level(new.log.level)  # libraries stay >= INFO (gateway/logs.py)
+            logs.set_level(new.log.level)  # libraries stay >= INFO (gateway/observability/logs.py)
             task = asyncio.create_task(self._retire(retired))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
@@ -320,7 +320,7 @@ class Supervisor:
         argv = [*self._argv, "--worker-of", str(os.getpid())]
         # The worker inherits the signal mask: with SIGHUP blocked from its first
         # instruction, a hangup passed on while it starts waits for its handler
-        # (gateway.server.serve) instead of killing it. Ours is back as it was
+        # (gateway.runtime.worker.serve) instead of killing it. Ours is back as it was
         # right after, so nothing sent to the supervisor meanwhile is lost.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:

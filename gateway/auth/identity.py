@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
+from gateway.auth.revocations import Revocations
+from gateway.auth.tokens import TokenCodec, VerifiedTokens, bearer_from_header
 from gateway.config import Config
 from gateway.config.model import AuthPolicy
 from gateway.errors import TokenInvalid, TokenMissing, TokenRevoked
-from gateway.sessions import Revocations
-from gateway.tokens import TokenCodec, VerifiedTokens, bearer_from_header
 
 
 # Not frozen: a frozen dataclass's __init__ costs an object.__setattr__ per

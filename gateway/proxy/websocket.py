@@ -45,9 +45,9 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_websocket import WebSocketError
 
-from gateway.http_server import Incoming
-from gateway.identity import Identity
-from gateway.sessions import Revocations
+from gateway.auth.identity import Identity
+from gateway.auth.revocations import Revocations
+from gateway.server.protocol import Incoming
 
 log = logging.getLogger("gateway.websocket")
 
@@ -83,7 +83,7 @@ class ClientSocket(web.WebSocketResponse):
     instead (the client reads the close frame, then the end), what still
     arrives is read and dropped by aiohttp's failed reader, and the relay
     closes the connection after at most :data:`LINGER` (nginx's lingering
-    close, as :meth:`gateway.http_server.HttpProtocol._linger` does for HTTP).
+    close, as :meth:`gateway.server.protocol.HttpProtocol._linger` does for HTTP).
     """
 
     half_closed = False

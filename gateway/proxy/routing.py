@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from gateway.config import RouteConfig
 from gateway.config.model import AuthPolicy
-from gateway.paths import NormalisedPath
+from gateway.proxy.paths import NormalisedPath
 from gateway.ratelimit import RateLimiter
 
 # Contract section 8: a target that refused a connection or timed out on connect

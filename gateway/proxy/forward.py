@@ -4,7 +4,7 @@ One long-lived ``ClientSession`` serves every upstream (connection reuse is most
 of a proxy's speed). It never decompresses, never stores cookies and adds no
 default headers of its own, so what the upstream sends reaches the client
 unchanged and what the client sends reaches the upstream unchanged, apart from
-the header rules in :mod:`gateway.headers`.
+the header rules in :mod:`gateway.proxy.headers`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ from aiohttp.http_parser import RawResponseMessage
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.auth.identity import Identity
 from gateway.errors import BodyTooLarge, UpstreamTimeout, UpstreamUnavailable
-from gateway.headers import HeaderRules
-from gateway.http_server import Incoming
-from gateway.identity import Identity
-from gateway.routing import Route, Target
-from gateway.upstream_pool import (
+from gateway.proxy.headers import HeaderRules
+from gateway.proxy.pool import (
     IDEMPOTENT,
     ConnectFailed,
     ExchangeFailed,
@@ -34,7 +32,9 @@ from gateway.upstream_pool import (
     UpstreamResponse,
     build_head,
 )
-from gateway.websocket import CLOSE_TIMEOUT, ClientSocket, Relay, Sockets
+from gateway.proxy.routing import Route, Target
+from gateway.proxy.websocket import CLOSE_TIMEOUT, ClientSocket, Relay, Sockets
+from gateway.server.protocol import Incoming
 
 log = logging.getLogger("gateway.proxy")
 
@@ -107,7 +107,7 @@ class UpstreamClient:
 
 
 def _url(target: Target, path: str, query: str, scheme: str | None = None) -> URL:
-    # encoded=True: the path was normalised by gateway.paths and must reach the
+    # encoded=True: the path was normalised by gateway.proxy.paths and must reach the
     # upstream byte for byte; yarl must not decode or re-resolve it.
     return URL.build(
         scheme=scheme or target.scheme,
@@ -372,7 +372,7 @@ async def proxy_websocket(
     """Relay a WebSocket: connect upstream first (so a dead upstream is a clean
     502), then accept the client with the subprotocol the upstream chose, then
     relay until either side or the socket's lifetime ends it
-    (:mod:`gateway.websocket`)."""
+    (:mod:`gateway.proxy.websocket`)."""
     request = incoming.as_aiohttp()
     protocols = [
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
@@ -398,7 +398,7 @@ async def proxy_websocket(
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
                     max_msg_size=max_message,
                     autoping=True,
-                    # The relay passes each close frame on (gateway.websocket).
+                    # The relay passes each close frame on (gateway.proxy.websocket).
                     autoclose=False,
                 )
             break

@@ -1,7 +1,7 @@
 """What both sides ask of aiohttp's llhttp parsers at a message boundary.
 
-The client side (:mod:`gateway.http_server`) and the upstream side
-(:mod:`gateway.upstream_pool`) drop a parser that may carry state past a
+The client side (:mod:`gateway.server.protocol`) and the upstream side
+(:mod:`gateway.proxy.pool`) drop a parser that may carry state past a
 message (docs/design.md, "State that lives on a connection"); before they do,
 they need to know whether it had already read bytes of a next message.
 """

@@ -8,7 +8,7 @@ connection, and the response is parsed by aiohttp's llhttp parser
 control. The body streams both ways; nothing is buffered whole.
 
 An exchange reports the response head through a callback, not a future, so
-the proxy's fast lane (:mod:`gateway.proxy`) can answer the client from inside
+the proxy's fast lane (:mod:`gateway.proxy.forward`) can answer the client from inside
 ``data_received`` with no task switch; :meth:`HostPool.request` wraps the same
 callback in a future for the coroutine path.
 
@@ -43,9 +43,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpParser, HttpResponseParser, RawResponseMessage
 from aiohttp.streams import StreamReader
 
-from gateway.batching import WriteBatch
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
-from gateway.framing import holds_bytes
+from gateway.server.batching import WriteBatch
+from gateway.server.framing import holds_bytes
 
 MAX_IDLE_PER_TARGET = 256
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -154,7 +154,7 @@ class UpstreamConnection(BaseProtocol):
         )
 
     def write_soon(self, head: bytes, batch: WriteBatch) -> None:
-        """Send a request head at the end of the loop's pass (gateway.batching).
+        """Send a request head at the end of the loop's pass (gateway.server.batching).
         Only a head with no body goes this way: nothing else is written until
         its response arrives, so nothing can overtake it."""
         self._out = head
@@ -507,7 +507,7 @@ def build_head(
     method: str, path_qs: str, host_header: str, lines: list[bytes], chunked: bool
 ) -> bytes:
     """The request line and header block, as bytes on the wire. ``lines`` come
-    from :meth:`gateway.headers.HeaderRules.upstream_lines`: values the parser
+    from :meth:`gateway.proxy.headers.HeaderRules.upstream_lines`: values the parser
     accepted (no CR/LF/NUL) or the gateway's own."""
     # The path came through the parser as UTF-8 with surrogateescape: the bytes
     # the client sent go on unchanged.

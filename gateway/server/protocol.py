@@ -35,9 +35,9 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
-from gateway.batching import WriteBatch
 from gateway.errors import status_error
-from gateway.framing import holds_bytes
+from gateway.server.batching import WriteBatch
+from gateway.server.framing import holds_bytes
 
 log = logging.getLogger("gateway.server")
 
@@ -367,7 +367,7 @@ class HttpProtocol(BaseProtocol):
         # Set while a proxied exchange waits on its upstream: a client that hangs
         # up then cancels the exchange instead of leaving it to the route timeout.
         self.cancel_on_lost = False
-        # Answers held until the end of the loop's pass (gateway.batching).
+        # Answers held until the end of the loop's pass (gateway.server.batching).
         self._out: list[bytes] | None = None
         # The body of the last chunked request this parser read, until it is
         # complete: then the parser is replaced (see _sever).
@@ -600,7 +600,7 @@ class HttpProtocol(BaseProtocol):
 
     # -- writing ----------------------------------------------------------------------
     def write_soon(self, data: bytes) -> None:
-        """Write ``data`` at the end of the loop's current pass (gateway.batching)."""
+        """Write ``data`` at the end of the loop's current pass (gateway.server.batching)."""
         out = self._out
         if out is None:
             self._out = [data]

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.auth.identity import Identity, IdentityResolver
 from gateway.config import Config
 from gateway.config.model import AuthPolicy
 from gateway.errors import BadRequest, BodyTooLarge, DecryptFailed, SessionExpired
-from gateway.headers import HeaderRules
-from gateway.identity import Identity, IdentityResolver
-from gateway.paths import BadPath, normalise, split_target
+from gateway.proxy.headers import HeaderRules
+from gateway.proxy.paths import BadPath, normalise, split_target
+from gateway.proxy.routing import Router
 from gateway.ratelimit import RateLimiter
-from gateway.routing import Router
-from gateway.services import Services
+from gateway.runtime.services import Services
 from gateway.wechat import crypto
 from gateway.wechat.client import PhoneInfo, phone_info_from
 
@@ -33,7 +33,7 @@ def _is_own(path: str) -> bool:
 
 if TYPE_CHECKING:
     from gateway.app import Scope
-    from gateway.http_server import Incoming
+    from gateway.server.protocol import Incoming
 
 MAX_AUTH_BODY = 64 * 1024  # contract section 8
 MAX_CODE_LENGTH = 1024
