@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway.auth.endpoints import AuthEndpoints
 from gateway.auth.identity import Identity, IdentityResolver
 from gateway.config import Config
+from gateway.config.reserved import is_reserved
 from gateway.errors import (
     BadRequest,
     BodyTooLarge,
@@ -236,8 +237,8 @@ class Gateway:
             if handler is None:
                 raise MethodNotAllowed(tuple(own))
             return handler(request, scope)
-        if path.match == "/auth" or path.match.startswith("/auth/"):
-            raise NoRoute()
+        if is_reserved(path.match):
+            raise NoRoute()  # an unknown /auth/... is never forwarded
         scope.route = route = self.router.match(path.match)
         if route is None:
             raise NoRoute()

@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway.auth.identity import Identity, IdentityResolver
 from gateway.config import Config
 from gateway.config.model import AuthPolicy
+from gateway.config.reserved import is_reserved
 from gateway.errors import BadRequest, BodyTooLarge, DecryptFailed, SessionExpired
 from gateway.proxy.headers import HeaderRules
 from gateway.proxy.paths import BadPath, normalise, split_target
@@ -24,12 +25,6 @@ from gateway.ratelimit import RateLimiter
 from gateway.runtime.services import Services
 from gateway.wechat import crypto
 from gateway.wechat.client import PhoneInfo, phone_info_from
-
-
-def _is_own(path: str) -> bool:
-    # The gateway's own endpoints are never a proxied route's business.
-    return path in ("/healthz", "/readyz", "/metrics", "/auth") or path.startswith("/auth/")
-
 
 if TYPE_CHECKING:
     from gateway.app import Scope
@@ -186,7 +181,7 @@ class AuthEndpoints:
                 path = normalise(split_target(original)[0])
             except BadPath as exc:
                 raise BadRequest(f"Bad original URI: {exc}.") from None
-            route = None if _is_own(path.match) else self._router.match(path.match)
+            route = None if is_reserved(path.match) else self._router.match(path.match)
             if route is not None:
                 policy = route.auth
         who = self._identity.for_route(request.headers, policy)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from gateway.config import model as m
+from gateway.config.reserved import shadows_reserved
 from gateway.config.units import Rate, parse_duration, parse_rate, parse_size
 
 T = TypeVar("T")
@@ -449,11 +450,9 @@ def _cross_checks(cfg: m.Config, errors: list[str]) -> None:
         errors.append("identity.unionid_header: must differ from identity.openid_header")
     if cfg.token.header.lower().replace("_", "-") in {h.replace("_", "-") for h in identity}:
         errors.append("token.header: must differ from the identity headers")
-    for prefix in ("/auth", "/healthz", "/readyz", "/metrics"):
-        for i, route in enumerate(cfg.routes):
-            p = route.prefix or ""
-            if p.rstrip("/") == prefix or p.startswith(prefix + "/"):
-                errors.append(f"routes[{i}].prefix: {p!r} is served by the gateway itself")
+    for i, route in enumerate(cfg.routes):
+        if shadows_reserved(route.prefix or ""):
+            errors.append(f"routes[{i}].prefix: {route.prefix!r} is served by the gateway itself")
 
 
 def build_config(raw: Any, env: Mapping[str, str] | None = None) -> m.Config:
