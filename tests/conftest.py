@@ -16,7 +16,7 @@ from gateway.auth.tokens import TokenCodec
 from gateway.config import Config, build_config
 from gateway.runtime.worker import Listener
 from gateway.wechat import fake
-from tests.upstream import RECORDER, Recorder, create_upstream_app
+from tests.support.upstream import RECORDER, Recorder, create_upstream_app
 
 TOKEN_SECRET = "test-token-secret-0123456789abcdef-0123456789"
 APPID = "wxtestappid0000001"
@@ -33,7 +33,7 @@ def base_config(
 ) -> dict[str, Any]:
     """A raw config dict (as YAML would give) that tests adjust before building."""
     raw: dict[str, Any] = {
-        # The drain delay has its own tests (tests/test_lifecycle.py); elsewhere it
+        # The drain delay has its own tests (tests/e2e/test_lifecycle.py); elsewhere it
         # would only add a second to every gateway process stopped.
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_grace": "2s", "drain_delay": 0},
         "wechat": {
@@ -45,7 +45,7 @@ def base_config(
         "token": {"secret": TOKEN_SECRET},
         "storage": {"url": f"sqlite:///{tmp_path}/gateway.db"},
         "rate_limits": {"login_per_ip": 0},
-        # The access log has its own tests (tests/test_access_log.py); elsewhere it
+        # The access log has its own tests (tests/observability/test_access_log.py); elsewhere it
         # would only interleave JSON lines with pytest's output.
         "log": {"access": False},
         "routes": [

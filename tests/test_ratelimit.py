@@ -9,7 +9,7 @@ from gateway.config import Rate
 from gateway.errors import RateLimited
 from gateway.ratelimit import RateLimiter
 from tests.conftest import StartGateway
-from tests.upstream import Recorder
+from tests.support.upstream import Recorder
 
 
 class Clock:

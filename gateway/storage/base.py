@@ -2,7 +2,7 @@
 
 Why an ABC: the SQLite store is the embedded default, but teams will want a
 shared database later. Every backend runs the same conformance tests
-(``tests/test_storage_conformance.py``), so the gateway never depends on one
+(``tests/storage/test_storage_conformance.py``), so the gateway never depends on one
 backend's quirks. Times are passed in (``now``, epoch seconds) rather than read
 from the clock here, so tests control time without patching.
 """

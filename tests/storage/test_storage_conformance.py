@@ -1,0 +1,486 @@
+"""What every storage backend must do, then what the SQLite file must survive.
+
+The first half is parametrised over ``BACKENDS``: a new backend adds one factory
+there and runs every conformance test unchanged. Time is passed in (``now``), so
+nothing here sleeps to make something expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.storage import AccessToken, Storage, StorageError
+from gateway.storage.sqlite import SCHEMA_VERSION, SQLiteStorage, sqlite_path_from_url
+
+REPO = Path(__file__).resolve().parents[2]
+Factory = Callable[[], Storage]
+
+# Each backend: tmp_path -> a factory of fresh, unopened instances on the same data,
+# so tests can close one and open another (persistence).
+BACKENDS: dict[str, Callable[[Path], Factory]] = {
+    # The parent directory does not exist yet: open() must create it.
+    "sqlite": lambda tmp: lambda: SQLiteStorage(tmp / "state" / "gateway.db"),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
+    return BACKENDS[request.param](tmp_path)
+
+
+@pytest.fixture
+async def storage(make_storage: Factory) -> AsyncIterator[Storage]:
+    store = make_storage()
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+# -- users ------------------------------------------------------------------
+
+
+async def test_upsert_creates_then_updates_the_same_record(storage: Storage) -> None:
+    first = await storage.upsert_login("o-1", "u-1", "key-1", now=100.0)
+    assert (first.openid, first.unionid, first.session_key) == ("o-1", "u-1", "key-1")
+    assert first.created_at == first.last_login_at == 100.0
+    assert first.phone_number is None
+
+    second = await storage.upsert_login("o-1", "u-1", "key-2", now=200.0)
+    assert second.session_key == "key-2"
+    assert (second.created_at, second.last_login_at) == (100.0, 200.0)
+    assert await storage.get_user("o-1") == second
+
+
+async def test_a_login_without_unionid_keeps_the_known_one(storage: Storage) -> None:
+    await storage.upsert_login("o-1", "u-1", "k", now=1.0)
+    assert (await storage.upsert_login("o-1", None, "k", now=2.0)).unionid == "u-1"
+    assert (await storage.upsert_login("o-1", "u-2", "k", now=3.0)).unionid == "u-2"
+    assert (await storage.upsert_login("o-2", None, "k", now=3.0)).unionid is None
+
+
+async def test_get_user_missing(storage: Storage) -> None:
+    assert await storage.get_user("nobody") is None
+
+
+async def test_set_phone(storage: Storage) -> None:
+    await storage.upsert_login("o-1", None, "key-1", now=1.0)
+    await storage.set_phone("o-1", "+8613800138000", now=5.0)
+    user = await storage.get_user("o-1")
+    assert user is not None
+    assert user.phone_number == "+8613800138000"
+    assert (user.session_key, user.created_at, user.last_login_at) == ("key-1", 1.0, 1.0)
+    # A later login does not forget the number.
+    again = await storage.upsert_login("o-1", None, "key-2", now=9.0)
+    assert again.phone_number == "+8613800138000"
+
+
+async def test_set_phone_for_an_unknown_user_still_stores_it(storage: Storage) -> None:
+    await storage.set_phone("o-new", "13800138000", now=7.0)
+    user = await storage.get_user("o-new")
+    assert user is not None
+    assert (user.phone_number, user.session_key, user.unionid) == ("13800138000", None, None)
+
+
+async def test_records_never_show_the_session_key(storage: Storage) -> None:
+    user = await storage.upsert_login("o-1", None, "sEcReT-session-key", now=1.0)
+    assert "sEcReT" not in repr(user)
+    assert "sEcReT" not in repr(storage)
+
+
+async def test_concurrent_logins_of_one_user_make_one_record(storage: Storage) -> None:
+    results = await asyncio.gather(
+        *(storage.upsert_login("o-same", None, f"key-{i}", now=float(i)) for i in range(50))
+    )
+    assert len({r.created_at for r in results}) == 1
+    user = await storage.get_user("o-same")
+    assert user is not None
+    assert user.session_key in {f"key-{i}" for i in range(50)}
+    assert user.created_at == results[0].created_at
+
+
+# -- revocations --------------------------------------------------------------
+
+
+async def test_revocations_and_cursor(storage: Storage) -> None:
+    assert await storage.revoked_since(0) == ([], 0)
+    await storage.revoke_session("s-1", expires_at=100.0, now=1.0)
+    await storage.revoke_session("s-2", expires_at=200.0, now=2.0)
+    ids, cursor = await storage.revoked_since(0)
+    assert ids == ["s-1", "s-2"]
+    assert await storage.revoked_since(cursor) == ([], cursor)
+
+    await storage.revoke_session("s-1", expires_at=100.0, now=3.0)  # idempotent
+    assert await storage.revoked_since(cursor) == ([], cursor)
+
+    await storage.revoke_session("s-3", expires_at=300.0, now=4.0)
+    ids, newer = await storage.revoked_since(cursor)
+    assert ids == ["s-3"]
+    assert newer > cursor
+
+
+async def test_purge_drops_only_expired_revocations(storage: Storage) -> None:
+    await storage.revoke_session("s-old", expires_at=100.0, now=1.0)
+    await storage.revoke_session("s-edge", expires_at=150.0, now=1.0)
+    await storage.revoke_session("s-live", expires_at=300.0, now=1.0)
+    _, cursor = await storage.revoked_since(0)
+
+    assert await storage.purge_expired(now=150.0) == 1
+    assert (await storage.revoked_since(0))[0] == ["s-edge", "s-live"]
+    assert await storage.purge_expired(now=150.0) == 0
+
+    # The cursor only moves forward, even after the newest rows were purged.
+    assert await storage.purge_expired(now=1000.0) == 2
+    await storage.revoke_session("s-next", expires_at=2000.0, now=2.0)
+    assert await storage.revoked_since(cursor) == (["s-next"], cursor + 1)
+
+
+# -- access token -------------------------------------------------------------
+
+
+async def test_access_token_put_get_clear(storage: Storage) -> None:
+    assert await storage.get_access_token() is None
+    await storage.put_access_token(AccessToken("tok-1", 100.0))
+    assert await storage.get_access_token() == AccessToken("tok-1", 100.0)
+
+    await storage.put_access_token(AccessToken("tok-2", 200.0))
+    await storage.clear_access_token("tok-1")  # stale: the newer token stays
+    assert await storage.get_access_token() == AccessToken("tok-2", 200.0)
+
+    await storage.clear_access_token("tok-2")
+    assert await storage.get_access_token() is None
+    await storage.clear_access_token("tok-2")  # nothing to clear: no error
+
+
+# -- leases -------------------------------------------------------------------
+
+
+async def test_lease_one_holder_at_a_time(storage: Storage) -> None:
+    assert await storage.acquire_lease("refresh", "a", ttl=10.0, now=0.0)
+    assert not await storage.acquire_lease("refresh", "b", ttl=10.0, now=5.0)
+    assert await storage.acquire_lease("other", "b", ttl=10.0, now=5.0)  # names are separate
+
+    # Renewal by the holder pushes expiry to 8 + 10 = 18.
+    assert await storage.acquire_lease("refresh", "a", ttl=10.0, now=8.0)
+    assert not await storage.acquire_lease("refresh", "b", ttl=10.0, now=15.0)
+
+    # Expired: another holder takes it, and the old one is now refused.
+    assert await storage.acquire_lease("refresh", "b", ttl=10.0, now=18.0)
+    assert not await storage.acquire_lease("refresh", "a", ttl=10.0, now=19.0)
+
+
+async def test_lease_release_only_by_its_holder(storage: Storage) -> None:
+    assert await storage.acquire_lease("refresh", "a", ttl=10.0, now=0.0)
+    await storage.release_lease("refresh", "b")  # not b's: ignored
+    assert not await storage.acquire_lease("refresh", "b", ttl=10.0, now=1.0)
+    await storage.release_lease("refresh", "a")
+    assert await storage.acquire_lease("refresh", "b", ttl=10.0, now=1.0)
+    await storage.release_lease("never-taken", "a")
+
+
+# -- lifecycle ----------------------------------------------------------------
+
+
+async def test_data_survives_close_and_reopen(make_storage: Factory) -> None:
+    store = make_storage()
+    await store.open()
+    await store.upsert_login("o-1", "u-1", "key-1", now=1.0)
+    await store.set_phone("o-1", "13800138000", now=2.0)
+    await store.revoke_session("s-1", expires_at=100.0, now=1.0)
+    await store.put_access_token(AccessToken("tok", 50.0))
+    await store.close()
+
+    again = make_storage()
+    await again.open()
+    try:
+        user = await again.get_user("o-1")
+        assert user is not None
+        assert (user.unionid, user.session_key, user.phone_number) == (
+            "u-1",
+            "key-1",
+            "13800138000",
+        )
+        assert (await again.revoked_since(0))[0] == ["s-1"]
+        assert await again.get_access_token() == AccessToken("tok", 50.0)
+    finally:
+        await again.close()
+
+
+async def test_ping_close_twice_and_use_after_close(make_storage: Factory) -> None:
+    store = make_storage()
+    await store.open()
+    await store.ping()
+    await store.close()
+    await store.close()
+    with pytest.raises(StorageError):
+        await store.get_user("o-1")
+    with pytest.raises(StorageError):
+        await store.ping()
+
+
+# -- SQLite specifics ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///./gateway.db", "./gateway.db"),
+        ("sqlite:///gateway.db", "gateway.db"),
+        ("sqlite:///data/gw.db", "data/gw.db"),
+        ("sqlite:////var/lib/gw/gateway.db", "/var/lib/gw/gateway.db"),
+        ("sqlite:///:memory:", ":memory:"),
+    ],
+)
+def test_sqlite_path_from_url(url: str, path: str) -> None:
+    assert sqlite_path_from_url(url) == path
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://db/gw",
+        "sqlite://",
+        "sqlite:///",
+        "sqlite://host/gw.db",
+        "sqlite:gw.db",
+        "./gateway.db",
+        "sqlite:///gw.db?mode=ro",
+        "sqlite:///gw.db#x",
+    ],
+)
+def test_sqlite_url_rejected(url: str) -> None:
+    with pytest.raises(ValueError, match="sqlite"):
+        sqlite_path_from_url(url)
+
+
+async def test_in_memory_database_works() -> None:
+    store = SQLiteStorage(":memory:")
+    await store.open()
+    try:
+        await store.upsert_login("o-1", None, "k", now=1.0)
+        assert await store.get_user("o-1") is not None
+        await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_schema_version_and_wal_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    store = SQLiteStorage(path)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    store = SQLiteStorage(path)
+    with pytest.raises(StorageError, match="newer"):
+        await store.open()
+    await store.close()
+
+
+@pytest.mark.parametrize("kind", ["directory", "garbage"])
+async def test_unusable_file_is_a_storage_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "gw.db"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"this is not a SQLite database, just bytes " * 100)
+    store = SQLiteStorage(path)
+    with pytest.raises(StorageError):
+        await store.open()
+    await store.close()
+
+
+async def test_read_only_store_fails_ping_and_writes(tmp_path: Path) -> None:
+    # Tests run as root, whom chmod does not stop, so make the connection itself
+    # read-only (what a read-only remount looks like to SQLite): every write path
+    # must turn that into StorageError, and reads keep working.
+    store = SQLiteStorage(tmp_path / "gw.db")
+    await store.open()
+    try:
+        await store.upsert_login("o-1", None, "key-1", now=1.0)
+        conn = store._conn
+        assert conn is not None
+        await conn.execute("PRAGMA query_only = ON")
+        with pytest.raises(StorageError):
+            await store.ping()
+        with pytest.raises(StorageError) as info:
+            await store.upsert_login("o-1", None, "sEcReT-key", now=2.0)
+        assert "sEcReT" not in str(info.value)
+        assert await store.get_user("o-1") is not None
+    finally:
+        await store.close()
+
+
+async def test_a_lock_held_forever_becomes_storage_error(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    store = SQLiteStorage(path, busy_timeout=0.05, attempts=2)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process's writer that never commits
+        with pytest.raises(StorageError, match="locked"):
+            await store.ping()
+        with pytest.raises(StorageError, match="locked") as info:
+            await store.upsert_login("o-1", None, "sEcReT-key", now=1.0)
+        assert "sEcReT" not in str(info.value)
+        assert await store.get_user("o-1") is None  # WAL readers are not blocked
+        other.execute("ROLLBACK")
+        await store.upsert_login("o-1", None, "key", now=1.0)
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_briefly_held_lock_is_retried(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    store = SQLiteStorage(path, busy_timeout=0.05, attempts=6)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.3, other.execute, ("ROLLBACK",))
+    release.start()
+    try:
+        assert (await store.upsert_login("o-1", None, "key", now=1.0)).openid == "o-1"
+    finally:
+        release.join()
+        other.close()
+        await store.close()
+
+
+async def test_a_cancelled_write_leaves_no_transaction_open(tmp_path: Path) -> None:
+    # Shutdown cancels handlers mid-call; the shared connection must not be left
+    # inside BEGIN IMMEDIATE, holding the write lock every other worker needs.
+    path = tmp_path / "gw.db"
+    store = SQLiteStorage(path)
+    await store.open()
+    try:
+        for delay in (0, 0.0005, 0.001, 0.002):
+            task = asyncio.create_task(store.upsert_login("o-1", None, "key", now=1.0))
+            await asyncio.sleep(delay)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await store.ping()  # waits for the shielded transaction, then writes
+            other = sqlite3.connect(path, isolation_level=None, timeout=0)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # fails if our write lock is still held
+                other.execute("ROLLBACK")
+            finally:
+                other.close()
+    finally:
+        await store.close()
+
+
+def _run_python(script: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-W", "error", "-c", textwrap.dedent(script), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+WRITER = """
+    import asyncio, pathlib, sys
+    from gateway.storage.sqlite import SQLiteStorage
+
+    async def main(path, tag, barrier):
+        # Both processes start together, so opening (schema creation) and the
+        # writes really overlap.
+        pathlib.Path(barrier, tag).touch()
+        while not pathlib.Path(barrier, "go").exists():
+            await asyncio.sleep(0.005)
+        store = SQLiteStorage(path)
+        await store.open()
+        try:
+            for i in range(200):
+                openid = f"{tag}-{i}" if i % 2 == 0 else f"shared-{i % 40}"
+                await store.upsert_login(openid, None, f"{tag}-key-{i}", float(i))
+        finally:
+            await store.close()
+
+    asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_two_processes_writing_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "shared" / "gw.db"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [_run_python(WRITER, str(path), tag, str(barrier)) for tag in ("p1", "p2")]
+    try:
+        while not all((barrier / tag).exists() for tag in ("p1", "p2")):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            await asyncio.sleep(0.01)
+        (barrier / "go").touch()
+        outputs = [await asyncio.to_thread(p.communicate, timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert all(err == "" for _, err in outputs), outputs
+
+    with sqlite3.connect(path) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM users").fetchone()
+    conn.close()
+    assert count == 2 * 100 + 20  # each process's distinct openids plus the shared ones
+    store = SQLiteStorage(path)
+    await store.open()
+    try:
+        for openid in [f"p{n}-{i}" for n in (1, 2) for i in range(0, 200, 2)]:
+            assert await store.get_user(openid) is not None
+    finally:
+        await store.close()
+
+
+KILLED = """
+    import asyncio, os, signal, sys
+    from gateway.storage.sqlite import SQLiteStorage
+
+    async def main(path):
+        store = SQLiteStorage(path)
+        await store.open()
+        await store.upsert_login("o-durable", "u-1", "key-1", 1.0)
+        await store.revoke_session("s-durable", 100.0, 1.0)
+        os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint
+
+    asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_commit_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    proc = _run_python(KILLED, str(path))
+    out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    assert proc.returncode == -9, (out, err)
+    store = SQLiteStorage(path)
+    await store.open()
+    try:
+        user = await store.get_user("o-durable")
+        assert user is not None and user.session_key == "key-1"
+        assert (await store.revoked_since(0))[0] == ["s-durable"]
+    finally:
+        await store.close()
