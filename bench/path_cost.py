@@ -29,7 +29,7 @@ from bench.proxy import SECRET
 from gateway.auth.tokens import TokenCodec
 from gateway.config import Secret, TokenConfig, load_config
 from gateway.proxy.pool import UpstreamConnection
-from gateway.runtime.worker import Listener, _request_done
+from gateway.runtime.worker import Listener
 from gateway.server.protocol import HttpServer
 
 UPSTREAM_PORT = 18080
@@ -97,11 +97,11 @@ async def run(n: int, access_log: bool, once: bool) -> None:
     await gateway.start()
     if gateway.access_log is not None:
         gateway.access_log._fd = os.open(os.devnull, os.O_WRONLY)
-    server = HttpServer(listener._handle, on_done=_request_done)
+    server = HttpServer(listener._handle)
     client = server()
     client_transport = _Transport(("127.0.0.1", 40000))
     client.connection_made(client_transport)  # type: ignore[arg-type]
-    pool = gateway.upstreams.pools.get("http", "127.0.0.1", UPSTREAM_PORT)
+    pool = gateway.pools.get("http", "127.0.0.1", UPSTREAM_PORT)
     upstream = UpstreamConnection(asyncio.get_running_loop(), pool)
     upstream_transport = _Transport(("127.0.0.1", UPSTREAM_PORT))
     upstream.connection_made(upstream_transport)  # type: ignore[arg-type]

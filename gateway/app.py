@@ -1,13 +1,20 @@
 """The request path, read top to bottom in :meth:`Gateway.handle`.
 
 1. request id; 2. normalise the path (one path for routing, policy and
-forwarding); 3. the gateway's own endpoints (never proxied); 4. route match;
-5. token policy (strip, then inject); 6. forward, streamed.
+forwarding: :mod:`gateway.proxy.paths`); 3. the gateway's own endpoints (never
+proxied: :mod:`gateway.auth.endpoints` and three here); 4. route match
+(:mod:`gateway.proxy.routing`); 5. token policy (:mod:`gateway.auth.identity`)
+and rate limit; 6. header rules, strip then inject (:mod:`gateway.proxy.headers`);
+7. forward, streamed (:mod:`gateway.proxy.forward`, or
+:mod:`gateway.proxy.websocket` for an upgrade).
 
 The gateway runs on its own lean HTTP/1.1 server (:mod:`gateway.server.protocol`)
 rather than ``web.Application``: routing is a longest-prefix match of our own,
-so an application router would only add work per request. A proxied answer is
-written by :mod:`gateway.proxy.forward` straight to the connection; the gateway's own
+so an application router would only add work per request. Everything known
+about a request travels on one record, :class:`gateway.server.request.Request`,
+and the server tells the gateway that handled it when it ends
+(:meth:`Gateway.request_done`). A proxied answer is written by
+:mod:`gateway.proxy.forward` straight to the connection; the gateway's own
 endpoints return small aiohttp ``Response`` objects, serialised here.
 """
 
@@ -19,14 +26,12 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.auth.endpoints import AuthEndpoints
-from gateway.auth.identity import Identity, IdentityResolver
+from gateway.auth.endpoints import AuthEndpoints, Endpoint
+from gateway.auth.identity import IdentityResolver
 from gateway.config import Config
 from gateway.config.reserved import is_reserved
 from gateway.errors import (
@@ -49,14 +54,15 @@ from gateway.proxy import forward as proxy
 from gateway.proxy import websocket
 from gateway.proxy.headers import HeaderRules, request_id_from
 from gateway.proxy.paths import BadPath, NormalisedPath, normalise, split_target
+from gateway.proxy.pool import UpstreamPools
+from gateway.proxy.relay import Limits
 from gateway.proxy.routing import Route, Router
 from gateway.runtime.services import Services
-from gateway.server.protocol import Incoming
+from gateway.server.request import Request
 from gateway.storage import StorageError
 
 log = logging.getLogger("gateway")
 
-Handler = Callable[[Incoming, "Scope"], Awaitable[web.StreamResponse]]
 # Methods no reverse proxy should relay: CONNECT opens tunnels, TRACE echoes
 # credentials back (cross-site tracing).
 _REFUSED_METHODS = ("CONNECT", "TRACE")
@@ -64,44 +70,33 @@ _REFUSED_METHODS = ("CONNECT", "TRACE")
 _UPSTREAM_ERRORS = frozenset({"upstream_unavailable", "upstream_timeout", "upstream_mid_body"})
 
 
-@dataclass(slots=True)
-class Scope:
-    """What the gateway learns about one request as it goes down the path."""
-
-    request_id: str
-    path: NormalisedPath | None = None
-    route: Route | None = None
-    identity: Identity | None = None
-
-
 class Gateway:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.router = Router(
-            config.routes, config.server.max_body, config.rate_limits.ipv6_prefix
-        )
+        self.router = Router(config.routes, config.server.max_body, config.rate_limits.ipv6_prefix)
         self.rules = HeaderRules(config)
         self.metrics = Metrics(os.environ.get(METRICS_DIR_ENV))
         self.services = Services(config, clock=clock, metrics=self.metrics)
         self.identity = IdentityResolver(
             config, self.services.tokens, self.services.sessions, clock
         )
-        self.upstreams = proxy.UpstreamClient(config.server.upstream_idle_timeout)
+        # Upstream connections: a keep-alive pool per target for HTTP, and the
+        # WebSockets with the client session that opens them.
+        self.pools = UpstreamPools(config.server.upstream_idle_timeout)
         self.websockets = websocket.Sockets(
-            websocket.Limits(
-                config.server.websocket_idle_timeout, config.server.websocket_max_message
-            ),
+            Limits(config.server.websocket_idle_timeout, config.server.websocket_max_message),
             self.services.sessions,
             clock,
             config.token.leeway,
+            config.server.upstream_idle_timeout,
         )
         self.access_log = AccessLog(config) if config.log.access else None
         self.auth = AuthEndpoints(config, self.services, self.identity, self.rules, self.router)
         self.draining = False
         self.inflight = 0  # requests handled and not yet finished (a reload waits on them)
         # Own endpoints: exact normalised path -> method -> handler.
-        self.endpoints: dict[str, dict[str, Handler]] = {
+        self.endpoints: dict[str, dict[str, Endpoint]] = {
             "/healthz": {"GET": self.healthz, "HEAD": self.healthz},
             "/readyz": {"GET": self.readyz, "HEAD": self.readyz},
             "/metrics": {"GET": self.metrics_endpoint},
@@ -114,10 +109,10 @@ class Gateway:
         """Open the long-lived resources, each closed by :meth:`close` in reverse."""
         await self.services.start()
         self._stack.push_async_callback(self.services.close)
-        await self.upstreams.start()
-        self._stack.push_async_callback(self.upstreams.close)
-        # Before the upstream session closes under them: open sockets get 1001.
-        self._stack.push_async_callback(self.websockets.close_all)
+        self._stack.callback(self.pools.close)
+        await self.websockets.start()
+        # Open sockets get 1001, then their client session closes.
+        self._stack.push_async_callback(self.websockets.close)
         saver = asyncio.create_task(self._save_metrics())
         self._stack.callback(self.metrics.save)
         self._stack.callback(saver.cancel)
@@ -135,27 +130,25 @@ class Gateway:
             await asyncio.to_thread(self.access_log.close)
 
     # -- the request path -------------------------------------------------------
-    def handle(self, request: Incoming) -> Awaitable[None] | None:
+    def handle(self, request: Request) -> Awaitable[None] | None:
         """Decide everything that needs no I/O at once; return the rest as an
         awaitable (see :data:`gateway.server.protocol.Handler`)."""
-        scope = Scope(request_id=request_id_from(request.headers))
-        request.request_id = scope.request_id
+        request.request_id = request_id_from(request.headers)
         request.owner = self
         self.inflight += 1
         request.started = time.perf_counter()
         try:
-            pending = self._dispatch(request, scope)
+            pending = self._dispatch(request)
         except Exception as exc:
-            self._answer(request, scope, None, exc)
+            self._answer(request, None, exc)
             return None
         if pending is None:
             return None  # the fast lane answers from the upstream's callback
-        return self._complete(request, scope, pending)
+        return self._complete(request, pending)
 
     async def _complete(
         self,
-        request: Incoming,
-        scope: Scope,
+        request: Request,
         pending: Awaitable[web.StreamResponse | None],
     ) -> None:
         try:
@@ -163,20 +156,19 @@ class Gateway:
         except (ConnectionError, asyncio.CancelledError):
             raise  # the client is gone: nothing to answer
         except Exception as exc:
-            self._answer(request, scope, None, exc)
+            self._answer(request, None, exc)
             return
-        self._answer(request, scope, response, None)
+        self._answer(request, response, None)
 
     def _answer(
         self,
-        request: Incoming,
-        scope: Scope,
+        request: Request,
         response: web.StreamResponse | None,
         exc: Exception | None,
     ) -> None:
         """Send an own endpoint's response, or the JSON error for ``exc``."""
         if exc is not None:
-            response = self._error(request, scope, exc)
+            response = self._error(request, exc)
         if response is not None:
             if response.prepared:  # a WebSocket, already answered by aiohttp
                 request.status = response.status
@@ -186,29 +178,31 @@ class Gateway:
                 request.abort()
             else:
                 if "X-Request-Id" not in response.headers:
-                    response.headers["X-Request-Id"] = scope.request_id  # own endpoints too
+                    response.headers["X-Request-Id"] = request.request_id  # own endpoints too
                 request.send_response(response)
         request.finish()
 
-    def _error(self, request: Incoming, scope: Scope, exc: Exception) -> web.Response:
+    def _error(self, request: Request, exc: Exception) -> web.Response:
         if isinstance(exc, GatewayError):
             request.error = exc.code
             errcode = exc.extra.get("wechat_errcode")
             request.errcode = errcode if isinstance(errcode, int) else None
-            return error_response(exc, scope.request_id)
+            return error_response(exc, request.request_id)
         if isinstance(exc, StorageError):
             # Busy past its retries, read-only, gone: the client may retry later.
-            log.warning("storage error (request id %s): %s", scope.request_id, exc)
-            return error_response(StorageUnavailable(), scope.request_id)
-        if isinstance(exc, RequestPayloadError):
+            log.warning("storage error (request id %s): %s", request.request_id, exc)
+            return error_response(StorageUnavailable(), request.request_id)
+        if isinstance(exc, web.RequestPayloadError):
             # The body broke its own framing (bad chunk size...): nothing after it
             # on this connection can be trusted.
             request.keep_alive = False
-            return error_response(BadRequest("The request body is malformed."), scope.request_id)
-        log.error("unhandled error (request id %s)", scope.request_id, exc_info=exc)
-        return json_error(500, "internal_error", "Internal error.", request_id=scope.request_id)
+            return error_response(BadRequest("The request body is malformed."), request.request_id)
+        log.error("unhandled error (request id %s)", request.request_id, exc_info=exc)
+        return json_error(500, "internal_error", "Internal error.", request_id=request.request_id)
 
-    def request_done(self, request: Incoming) -> None:
+    def request_done(self, request: Request) -> None:
+        """The request is over (answered, failed or abandoned): the server calls
+        this once, on the gateway that handled it (its ``owner``)."""
         self.inflight -= 1
         metrics = self.metrics
         metrics.observe(request.route, request.status, request.started)
@@ -218,16 +212,12 @@ class Gateway:
         elif request.endpoint == "/auth/login":
             metrics.login(error or "ok", request.errcode)  # errcodes folded to a bounded set
         if self.access_log is not None:
-            self.access_log.record(
-                request, request.request_id, self.rules.client_ip(request.headers, request.remote)
-            )
+            self.access_log.record(request, self.rules.client_ip(request.headers, request.remote))
 
-    def _dispatch(
-        self, request: Incoming, scope: Scope
-    ) -> Awaitable[web.StreamResponse | None] | None:
+    def _dispatch(self, request: Request) -> Awaitable[web.StreamResponse | None] | None:
         try:
             raw_path, query = split_target(request.raw_path)
-            scope.path = path = normalise(raw_path)
+            path = normalise(raw_path)
         except BadPath as exc:
             raise BadRequest(f"Bad path: {exc}.") from None
         own = self.endpoints.get(path.match)
@@ -236,28 +226,26 @@ class Gateway:
             handler = own.get(request.method)
             if handler is None:
                 raise MethodNotAllowed(tuple(own))
-            return handler(request, scope)
+            return handler(request)
         if is_reserved(path.match):
             raise NoRoute()  # an unknown /auth/... is never forwarded
-        scope.route = route = self.router.match(path.match)
+        route = self.router.match(path.match)
         if route is None:
             raise NoRoute()
         request.route = route.prefix
         if request.method in _REFUSED_METHODS:
             raise MethodNotAllowed(message=f"{request.method} is not proxied.")
-        return self._forward(request, scope, route, path, query)
+        return self._forward(request, route, path, query)
 
     def _forward(
-        self, request: Incoming, scope: Scope, route: Route, path: NormalisedPath, query: str
+        self, request: Request, route: Route, path: NormalisedPath, query: str
     ) -> Awaitable[web.StreamResponse | None] | None:
-        upgrade = proxy.is_upgrade(request)
-        if upgrade and not (route.websocket and proxy.is_websocket_upgrade(request)):
+        upgrade = websocket.is_upgrade(request)
+        if upgrade and not (route.websocket and websocket.is_websocket_upgrade(request)):
             # Before the token: the route cannot take this request whoever sends
             # it (contract section 8: 400, and nothing reaches the upstream).
             raise BadRequest("Upgrade is not allowed on this route.")
-        scope.identity = identity = self.identity.for_route(request.headers, route.auth)
-        if identity is not None:
-            request.openid = identity.openid
+        identity = self.identity.identify(request, route.auth)
         if route.limiter is not None:
             # Keys are namespaced ("o:", "ip:") so an openid never collides with
             # an address.
@@ -273,12 +261,11 @@ class Gateway:
                 request.headers,
                 peer=request.remote,
                 scheme=request.scheme,
-                request_id=scope.request_id,
+                request_id=request.request_id,
                 openid=openid,
                 unionid=unionid,
             )
-            return proxy.proxy_websocket(
-                self.upstreams,
+            return websocket.proxy_websocket(
                 self.websockets,
                 request,
                 route,
@@ -291,37 +278,35 @@ class Gateway:
             request.message.raw_headers,
             peer=request.remote,
             scheme=request.scheme,
-            request_id=scope.request_id,
+            request_id=request.request_id,
             openid=openid,
             unionid=unionid,
         )
         if request.content_length is not None and request.content_length > route.max_body:
             raise BodyTooLarge()  # before any 100 Continue invites the body
-        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (
-            1,
-            1,
-        ):
+        expects = request.headers.get("Expect", "").lower() == "100-continue"
+        if expects and request.version >= (1, 1):
             # The checks passed: let the client send its body (the upstream never
             # sees Expect; the gateway answers it).
             request.send_continue()
         fwd = proxy.Forwarding(
-            self.upstreams, self.rules, route, upstream_path, query, lines, scope.request_id
+            self.pools, self.rules, route, upstream_path, query, lines, request.request_id
         )
-        return proxy.forward(fwd, request, lambda exc: self._answer(request, scope, None, exc))
+        return proxy.forward(fwd, request, lambda exc: self._answer(request, None, exc))
 
     # -- own endpoints -----------------------------------------------------------
-    async def healthz(self, request: Incoming, scope: Scope) -> web.StreamResponse:
+    async def healthz(self, request: Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
 
-    async def readyz(self, request: Incoming, scope: Scope) -> web.StreamResponse:
+    async def readyz(self, request: Request) -> web.StreamResponse:
         if self.draining:
             raise NotReady("The gateway is shutting down.")
         await self.services.check_ready()
         return web.json_response({"status": "ready"})
 
-    async def metrics_endpoint(self, request: Incoming, scope: Scope) -> web.StreamResponse:
+    async def metrics_endpoint(self, request: Request) -> web.StreamResponse:
         body = await asyncio.to_thread(self.metrics.render)  # reads the other workers' files
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-__all__ = ["Gateway", "Scope", "TokenMissing"]
+__all__ = ["Gateway", "TokenMissing"]

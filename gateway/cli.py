@@ -110,22 +110,21 @@ def main(argv: list[str] | None = None) -> int:
         if config is None:
             return 2
         logs.set_level(config.log.level)  # the gateway's loggers; libraries stay >= INFO
-        from gateway.runtime import worker as server
+        from gateway.runtime import supervisor, worker
 
         workers = args.workers or config.server.workers
         if args.worker_of is not None:
-            return server.run_worker(
+            return worker.run_worker(
                 config, reuse_port=True, parent_pid=args.worker_of, config_path=args.config
             )
         _warn_insecure(config)
         if workers <= 1:
-            return server.run_worker(config, config_path=args.config)
-        supervisor = server.Supervisor(
-            server.worker_argv(args.config),
+            return worker.run_worker(config, config_path=args.config)
+        return supervisor.Supervisor(
+            supervisor.worker_argv(args.config),
             workers,
             config.server.drain_delay + config.server.shutdown_grace,
-        )
-        return supervisor.run()
+        ).run()
     if args.command == "fake-wechat":
         from gateway.wechat import fake
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway.auth.identity import Identity, IdentityResolver
+from gateway.auth.identity import Identity, IdentityResolver, land
 from gateway.config import Config
 from gateway.config.model import AuthPolicy
 from gateway.config.reserved import is_reserved
@@ -22,22 +22,22 @@ from gateway.proxy.headers import HeaderRules
 from gateway.proxy.paths import BadPath, normalise, split_target
 from gateway.proxy.routing import Router
 from gateway.ratelimit import RateLimiter
-from gateway.runtime.services import Services
 from gateway.wechat import crypto
 from gateway.wechat.client import PhoneInfo, phone_info_from
 
 if TYPE_CHECKING:
-    from gateway.app import Scope
-    from gateway.server.protocol import Incoming
+    from gateway.runtime.services import Services
+    from gateway.server.request import Request
 
 MAX_AUTH_BODY = 64 * 1024  # contract section 8
 MAX_CODE_LENGTH = 1024
 MAX_ENCRYPTED_LENGTH = 48 * 1024
 
-Handler = Callable[["Incoming", "Scope"], Awaitable[web.StreamResponse]]
+# An own endpoint: the request in, its (small, whole) response out.
+Endpoint = Callable[["Request"], Awaitable[web.StreamResponse]]
 
 
-async def read_json_object(request: Incoming, limit: int = MAX_AUTH_BODY) -> dict[str, Any]:
+async def read_json_object(request: Request, limit: int = MAX_AUTH_BODY) -> dict[str, Any]:
     """The body as a JSON object, read with a hard size limit."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge()
@@ -88,7 +88,7 @@ class AuthEndpoints:
             RateLimiter(rate, ipv6_prefix=config.rate_limits.ipv6_prefix) if rate else None
         )
 
-    def endpoints(self) -> dict[str, dict[str, Handler]]:
+    def endpoints(self) -> dict[str, dict[str, Endpoint]]:
         return {
             "/auth/login": {"POST": self.login},
             "/auth/logout": {"POST": self.logout},
@@ -98,11 +98,9 @@ class AuthEndpoints:
             "/auth/verify": {"GET": self.verify, "HEAD": self.verify},
         }
 
-    async def login(self, request: Incoming, scope: Scope) -> web.StreamResponse:
+    async def login(self, request: Request) -> web.StreamResponse:
         if self._login_limiter is not None:
-            self._login_limiter.check_client(
-                self._rules.client_ip(request.headers, request.remote)
-            )
+            self._login_limiter.check_client(self._rules.client_ip(request.headers, request.remote))
         code = string_field(await read_json_object(request), "code", MAX_CODE_LENGTH)
         services = self._services
         session = await services.wechat.code2session(code)
@@ -110,7 +108,7 @@ class AuthEndpoints:
             session.openid, session.unionid, session.session_key, services.clock()
         )
         token, claims = services.tokens.issue(user.openid, user.unionid, services.clock())
-        request.openid = user.openid
+        land(request, Identity(user.openid, user.unionid, claims.session_id, claims.expires_at))
         return web.json_response(
             {
                 "token": token,
@@ -121,16 +119,14 @@ class AuthEndpoints:
             }
         )
 
-    async def logout(self, request: Incoming, scope: Scope) -> web.StreamResponse:
-        who = self._identity.require(request.headers)
-        request.openid = who.openid
+    async def logout(self, request: Request) -> web.StreamResponse:
+        who = self._identity.require(request)
         await self._services.sessions.revoke(who.session_id, who.expires_at)
         self._services.metrics.revocations += 1
         return web.json_response({"ok": True})
 
-    async def me(self, request: Incoming, scope: Scope) -> web.StreamResponse:
-        who = self._identity.require(request.headers)
-        request.openid = who.openid
+    async def me(self, request: Request) -> web.StreamResponse:
+        who = self._identity.require(request)
         user = await self._services.storage.get_user(who.openid)
         return web.json_response(
             {
@@ -140,9 +136,8 @@ class AuthEndpoints:
             }
         )
 
-    async def phone(self, request: Incoming, scope: Scope) -> web.StreamResponse:
-        who = self._identity.require(request.headers)
-        request.openid = who.openid
+    async def phone(self, request: Request) -> web.StreamResponse:
+        who = self._identity.require(request)
         body = await read_json_object(request)
         if "code" in body:
             code = string_field(body, "code", MAX_CODE_LENGTH)
@@ -159,13 +154,12 @@ class AuthEndpoints:
         await self._store_phone(who, info)
         return web.json_response(info.as_json())
 
-    async def decrypt(self, request: Incoming, scope: Scope) -> web.StreamResponse:
-        who = self._identity.require(request.headers)
-        request.openid = who.openid
+    async def decrypt(self, request: Request) -> web.StreamResponse:
+        who = self._identity.require(request)
         data = await self._decrypt(who, await read_json_object(request))
         return web.json_response({"data": data})
 
-    async def verify(self, request: Incoming, scope: Scope) -> web.StreamResponse:
+    async def verify(self, request: Request) -> web.StreamResponse:
         """Forward-auth (nginx ``auth_request``, Traefik ForwardAuth, Caddy
         ``forward_auth``): 200 with the identity headers, or the 401 errors.
 
@@ -184,8 +178,7 @@ class AuthEndpoints:
             route = None if is_reserved(path.match) else self._router.match(path.match)
             if route is not None:
                 policy = route.auth
-        who = self._identity.for_route(request.headers, policy)
-        request.openid = who.openid if who is not None else None
+        who = self._identity.identify(request, policy)
         if who is None:
             return web.json_response({"openid": None, "unionid": None})
         headers = {self._rules.openid_header: who.openid}
@@ -193,7 +186,7 @@ class AuthEndpoints:
             headers[self._rules.unionid_header] = who.unionid
         return web.json_response({"openid": who.openid, "unionid": who.unionid}, headers=headers)
 
-    def _original_uri(self, request: Incoming) -> str | None:
+    def _original_uri(self, request: Request) -> str | None:
         if not self._rules.is_trusted(request.remote):
             return None  # anyone could claim the URI of a public route
         for name in ("X-Forwarded-Uri", "X-Original-URI"):

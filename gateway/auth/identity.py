@@ -3,12 +3,16 @@
 Fail closed: a token that is present is always verified (except on ``public``
 routes, which never look at it), and any doubt is a 401. ``optional`` only
 means "anonymous is allowed", never "a bad token is ignored".
+
+The identity a request ends up with lands on its record in one place,
+:func:`land` (the access log reads ``request.openid``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
 
@@ -17,6 +21,9 @@ from gateway.auth.tokens import TokenCodec, VerifiedTokens, bearer_from_header
 from gateway.config import Config
 from gateway.config.model import AuthPolicy
 from gateway.errors import TokenInvalid, TokenMissing, TokenRevoked
+
+if TYPE_CHECKING:
+    from gateway.server.request import Request
 
 
 # Not frozen: a frozen dataclass's __init__ costs an object.__setattr__ per
@@ -27,6 +34,11 @@ class Identity:
     unionid: str | None
     session_id: str
     expires_at: int
+
+
+def land(request: Request, who: Identity | None) -> None:
+    """Note who made ``request`` on its record (None: anonymous)."""
+    request.openid = who.openid if who is not None else None
 
 
 class IdentityResolver:
@@ -43,8 +55,21 @@ class IdentityResolver:
         self._revocations = revocations
         self._clock = clock
 
-    def require(self, headers: CIMultiDictProxy[str]) -> Identity:
-        """The caller's identity, or the contract's 401 (missing/invalid/expired/revoked)."""
+    def identify(self, request: Request, policy: AuthPolicy) -> Identity | None:
+        """The caller of ``request`` under ``policy`` (None: anonymous), landed on
+        its record; or the contract's 401."""
+        who = self._for_route(request.headers, policy)
+        land(request, who)
+        return who
+
+    def require(self, request: Request) -> Identity:
+        """The caller of ``request``, landed on its record, or the contract's 401
+        (missing/invalid/expired/revoked)."""
+        who = self._verify(request.headers)
+        land(request, who)
+        return who
+
+    def _verify(self, headers: CIMultiDictProxy[str]) -> Identity:
         values = headers.getall(self._header, ())
         if len(values) > 1:
             # Two token headers: which one an upstream or log would read is unclear.
@@ -55,7 +80,7 @@ class IdentityResolver:
             raise TokenRevoked()
         return Identity(claims.openid, claims.unionid, claims.session_id, claims.expires_at)
 
-    def for_route(self, headers: CIMultiDictProxy[str], policy: AuthPolicy) -> Identity | None:
+    def _for_route(self, headers: CIMultiDictProxy[str], policy: AuthPolicy) -> Identity | None:
         if policy == "public":
             return None
         if policy == "optional":
@@ -63,7 +88,7 @@ class IdentityResolver:
             if value is None or not value.strip():
                 return None
         try:
-            return self.require(headers)
+            return self._verify(headers)
         except TokenMissing:
             if policy == "optional":
                 return None

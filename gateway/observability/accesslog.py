@@ -27,18 +27,31 @@ import queue
 import threading
 import time
 from json.encoder import encode_basestring_ascii as _json_str
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gateway.config import Config
-
-if TYPE_CHECKING:
-    from gateway.server.protocol import Incoming
 
 log = logging.getLogger("gateway.access")
 MAX_PENDING = 1024  # batches waiting for the writer thread
 FLUSH_EVERY = 0.1  # seconds; waking the writer per loop iteration cost a fifth of the proxy path
 FLUSH_LINES = 512
 MAX_CACHED_HASHES = 10_000
+
+
+class Finished(Protocol):
+    """What a line is made of: fields of the request record
+    (:class:`gateway.server.request.Request`), named here so that this package
+    needs nothing of the server's."""
+
+    request_id: str
+    route: str | None
+    method: str
+    raw_path: str
+    status: int
+    sent: int
+    started: float
+    upstream: str | None
+    openid: str | None
 
 
 class AccessLog:
@@ -90,7 +103,7 @@ class AccessLog:
             field = self._hashes[openid] = ',"openid_hash":"' + digest + '"'
         return field
 
-    def record(self, request: Incoming, request_id: str, client: str) -> None:
+    def record(self, request: Finished, client: str) -> None:
         now = time.time()
         path = request.raw_path.partition("?")[0]
         latency = (time.perf_counter() - request.started) * 1000
@@ -98,7 +111,7 @@ class AccessLog:
         # forms are cached. The request id needs none: a client's is only kept
         # when it matches [A-Za-z0-9._:-]{1,128}, ours are hex.
         self._lines.append(
-            f'{{"time":"{self._time(now)}","request_id":"{request_id}",'
+            f'{{"time":"{self._time(now)}","request_id":"{request.request_id}",'
             f'"route":{self._json(request.route)},"method":{self._json(request.method)},'
             f'"path":{_json_str(path)},"status":{request.status},"bytes":{request.sent},'
             f'"latency_ms":{latency:.3f},"upstream":{self._json(request.upstream)},'

@@ -1,55 +1,42 @@
-"""Forwarding to upstreams: streamed HTTP both ways, and WebSocket relays.
+"""Forwarding an HTTP request to its upstream, streamed both ways.
 
-One long-lived ``ClientSession`` serves every upstream (connection reuse is most
-of a proxy's speed). It never decompresses, never stores cookies and adds no
-default headers of its own, so what the upstream sends reaches the client
-unchanged and what the client sends reaches the upstream unchanged, apart from
-the header rules in :mod:`gateway.proxy.headers`.
+Two paths: the fast lane (:func:`forward`), for a request with no body when an
+idle keep-alive connection to the target is at hand, answers the client from
+the upstream connection's callback with no task; the coroutine path
+(:func:`proxy_http`) takes bodies, new connections and retries. Both write
+pre-built heads to the gateway's own connection pool (:mod:`gateway.proxy.pool`,
+one pool per target), which never decompresses and adds no header of its own:
+what the upstream sends reaches the client unchanged and what the client sends
+reaches the upstream unchanged, apart from the header rules in
+:mod:`gateway.proxy.headers`. WebSocket upgrades are :mod:`gateway.proxy.websocket`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
-from aiohttp.http_parser import RawResponseMessage
-from multidict import CIMultiDict
-from yarl import URL
 
-from gateway.auth.identity import Identity
 from gateway.errors import BodyTooLarge, UpstreamTimeout, UpstreamUnavailable
 from gateway.proxy.headers import HeaderRules
 from gateway.proxy.pool import (
     IDEMPOTENT,
     ConnectFailed,
     ExchangeFailed,
+    RawResponseMessage,
     UpstreamConnection,
     UpstreamPools,
     UpstreamResponse,
     build_head,
 )
 from gateway.proxy.routing import Route, Target
-from gateway.proxy.websocket import CLOSE_TIMEOUT, ClientSocket, Relay, Sockets
-from gateway.server.protocol import Incoming
+from gateway.server.request import Request
 
 log = logging.getLogger("gateway.proxy")
 
 CHUNK = 64 * 1024
-# aiohttp's client would otherwise add these when the client did not send them.
-_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-# aiohttp's ws_connect writes its own handshake fields.
-_WS_HANDSHAKE = frozenset(
-    {
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-    }
-)
 
 
 @dataclass(slots=True)
@@ -71,61 +58,13 @@ async def _limited_body(
         yield chunk
 
 
-class UpstreamClient:
-    """The one client session for all upstreams."""
-
-    def __init__(self, idle_timeout: float) -> None:
-        self._session: aiohttp.ClientSession | None = None
-        # The HTTP hot path; the session above serves WebSocket upgrades.
-        self.pools = UpstreamPools(idle_timeout)
-        self._idle_timeout = idle_timeout
-
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0,  # the route timeouts bound waiting; a pool cap would only queue
-            keepalive_timeout=self._idle_timeout,
-            ttl_dns_cache=60,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO,
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
-
-    async def close(self) -> None:
-        self.pools.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "UpstreamClient.start() was not awaited"
-        return self._session
-
-
-def _url(target: Target, path: str, query: str, scheme: str | None = None) -> URL:
-    # encoded=True: the path was normalised by gateway.proxy.paths and must reach the
-    # upstream byte for byte; yarl must not decode or re-resolve it.
-    return URL.build(
-        scheme=scheme or target.scheme,
-        host=target.host,
-        port=target.port,
-        path=target.base_path + path,
-        query_string=query,
-        encoded=True,
-    )
-
-
 # Not frozen: a frozen dataclass's __init__ costs an object.__setattr__ per
 # field, and one of these is made per proxied request. Never mutated.
 @dataclass(slots=True)
 class Forwarding:
     """What the gateway decided for one proxied request, before any I/O."""
 
-    client: UpstreamClient
+    pools: UpstreamPools
     rules: HeaderRules
     route: Route
     path: str  # normalised, as forwarded (after strip_prefix)
@@ -142,7 +81,7 @@ class Forwarding:
 
 async def _open(
     fwd: Forwarding,
-    request: Incoming,
+    request: Request,
     state: _BodyState,
     candidates: list[Target] | None = None,
 ) -> UpstreamResponse:
@@ -158,7 +97,7 @@ async def _open(
     for target in candidates or route.balancer.candidates():
         request.upstream = target.url
         head = fwd.head(request.method, target, chunked)
-        pool = fwd.client.pools.get(target.scheme, target.host, target.port)
+        pool = fwd.pools.get(target.scheme, target.host, target.port)
         try:
             return await pool.request(request.method, head, body, chunked, route.timeout)
         except ConnectFailed as exc:
@@ -175,7 +114,7 @@ async def _open(
 
 
 def forward(
-    fwd: Forwarding, request: Incoming, fail: Callable[[Exception], None]
+    fwd: Forwarding, request: Request, fail: Callable[[Exception], None]
 ) -> Awaitable[None] | None:
     """Forward ``request``: on the fast lane when it can, else as a coroutine.
 
@@ -188,7 +127,7 @@ def forward(
     candidates = fwd.route.balancer.candidates()
     if not request.body_exists:
         target = candidates[0]
-        conn = fwd.client.pools.get(target.scheme, target.host, target.port).take_idle()
+        conn = fwd.pools.get(target.scheme, target.host, target.port).take_idle()
         if conn is not None:
             _FastExchange(fwd, request, fail, candidates).start(conn, target)
             return None
@@ -201,7 +140,7 @@ class _FastExchange:
     def __init__(
         self,
         fwd: Forwarding,
-        request: Incoming,
+        request: Request,
         fail: Callable[[Exception], None],
         candidates: list[Target],
     ) -> None:
@@ -279,7 +218,7 @@ def _answer_lines(fwd: Forwarding, message: RawResponseMessage) -> list[bytes]:
 
 def _send_whole(
     fwd: Forwarding,
-    request: Incoming,
+    request: Request,
     message: RawResponseMessage,
     payload: aiohttp.StreamReader,
 ) -> None:
@@ -293,7 +232,7 @@ def _send_whole(
 
 async def _stream(
     fwd: Forwarding,
-    request: Incoming,
+    request: Request,
     message: RawResponseMessage,
     payload: aiohttp.StreamReader,
     release: Callable[[bool], None],
@@ -324,7 +263,7 @@ async def _stream(
 
 
 async def proxy_http(
-    fwd: Forwarding, request: Incoming, candidates: list[Target] | None = None
+    fwd: Forwarding, request: Request, candidates: list[Target] | None = None
 ) -> None:
     """Forward ``request`` and write the upstream's answer to the client (the
     coroutine path: request bodies, new connections, retries)."""
@@ -346,90 +285,3 @@ async def proxy_http(
     await _stream(
         fwd, request, upstream.message, upstream.payload, lambda clean: upstream.release()
     )
-
-
-def is_upgrade(request: Incoming) -> bool:
-    # The parser's reading (llhttp sees every Connection line), not a second one
-    # of our own: with "Connection: keep-alive" and "Connection: upgrade" on two
-    # lines, the first line alone says no while the parser switched protocols.
-    return bool(request.message.upgrade)
-
-
-def is_websocket_upgrade(request: Incoming) -> bool:
-    return is_upgrade(request) and request.headers.get("Upgrade", "").lower() == "websocket"
-
-
-async def proxy_websocket(
-    client: UpstreamClient,
-    sockets: Sockets,
-    incoming: Incoming,
-    route: Route,
-    path: str,
-    query: str,
-    headers: CIMultiDict[str],
-    identity: Identity | None,
-) -> web.StreamResponse:
-    """Relay a WebSocket: connect upstream first (so a dead upstream is a clean
-    502), then accept the client with the subprotocol the upstream chose, then
-    relay until either side or the socket's lifetime ends it
-    (:mod:`gateway.proxy.websocket`)."""
-    request = incoming.as_aiohttp()
-    protocols = [
-        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
-    ]
-    for name in list(headers):
-        if name.lower() in _WS_HANDSHAKE:
-            del headers[name]
-    # A message is assembled whole before it is relayed: its limit is memory
-    # held per socket, so the smaller of the two.
-    # aiohttp refuses a frame of exactly its max_msg_size: one more byte lets a
-    # message of exactly the limit through.
-    max_message = min(route.max_body, sockets.limits.max_message) + 1
-    upstream_ws = None
-    for target in route.balancer.candidates():
-        try:
-            # The route timeout bounds the handshake as it bounds a response
-            # head: the session itself has no timeout (bodies stream for long).
-            async with asyncio.timeout(route.timeout):
-                upstream_ws = await client.session.ws_connect(
-                    _url(target, path, query),
-                    headers=headers,
-                    protocols=protocols,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
-                    max_msg_size=max_message,
-                    autoping=True,
-                    # The relay passes each close frame on (gateway.proxy.websocket).
-                    autoclose=False,
-                )
-            break
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
-            route.balancer.mark_dead(target)
-        except aiohttp.WSServerHandshakeError as exc:
-            raise UpstreamUnavailable(
-                f"The upstream refused the WebSocket upgrade (status {exc.status})."
-            ) from None
-        except TimeoutError:
-            raise UpstreamTimeout() from None
-        except aiohttp.ClientError:
-            raise UpstreamUnavailable() from None
-    if upstream_ws is None:
-        raise UpstreamUnavailable()
-    downstream = ClientSocket(
-        protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
-        max_msg_size=max_message,
-        autoping=True,
-        autoclose=False,
-        timeout=CLOSE_TIMEOUT,
-    )
-    try:
-        await downstream.prepare(request)
-    except BaseException:
-        upstream_ws._response.close()
-        raise
-    relay = Relay(incoming, downstream, upstream_ws, sockets.limits, sockets.lifetime(identity))
-    sockets.add(relay)
-    try:
-        await relay.run()
-    finally:
-        sockets.discard(relay)
-    return downstream

@@ -27,6 +27,12 @@ end fails (a POST cannot be retried), and one sent on a connection a NAT or
 firewall forgot silently waits out the route timeout. The sweep costs the hot
 path one comparison: the idle list is a stack, so the entries below its lowest
 point since the last sweep have not been touched for a whole sweep interval.
+
+This module and :mod:`gateway.server` are the only places that use aiohttp's
+internal modules (``tests/test_layout.py`` checks it): here the llhttp
+response parser, ``BaseProtocol`` with its ``_parser`` slot and
+``_drain_helper``, and the connection under a client WebSocket. Private to
+aiohttp 3.14, listed in docs/design.md, guarded by the ``<3.15`` pin.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiohttp import ClientPayloadError, ServerTimeoutError
+from aiohttp import ClientPayloadError, ClientWebSocketResponse, ServerTimeoutError
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpParser, HttpResponseParser, RawResponseMessage
@@ -47,9 +53,22 @@ from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.server.batching import WriteBatch
 from gateway.server.framing import holds_bytes
 
+__all__ = [
+    "IDEMPOTENT",
+    "ConnectFailed",
+    "ExchangeFailed",
+    "HostPool",
+    "RawResponseMessage",  # the response head, for gateway.proxy.forward
+    "UpstreamConnection",
+    "UpstreamPools",
+    "UpstreamResponse",
+    "build_head",
+    "drop_websocket",
+    "websocket_transport",
+]
+
 MAX_IDLE_PER_TARGET = 256
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-
 
 
 class ConnectFailed(Exception):
@@ -79,6 +98,7 @@ class UpstreamConnection(BaseProtocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: HostPool) -> None:
         super().__init__(loop)
+        self.loop = loop
         self.pool = pool
         self.should_close = False
         self.message: RawResponseMessage | None = None
@@ -107,7 +127,7 @@ class UpstreamConnection(BaseProtocol):
             # (see data_received).
             self._reusable = HttpResponseParser(
                 self,
-                self._loop,
+                self.loop,
                 2**16,
                 response_with_body=not head_only,
                 read_until_eof=True,
@@ -126,7 +146,7 @@ class UpstreamConnection(BaseProtocol):
 
     def start_timeout(self) -> None:
         self._timing = True
-        self._last = now = self._loop.time()
+        self._last = now = self.loop.time()
         deadline = now + self._timeout
         timer = self._timer
         if timer is not None:
@@ -139,7 +159,7 @@ class UpstreamConnection(BaseProtocol):
 
     def _arm(self, when: float) -> None:
         self._timer_at = when
-        self._timer = self._loop.call_at(when, self._check_timer)
+        self._timer = self.loop.call_at(when, self._check_timer)
 
     def finished(self) -> bool:
         """The response is complete and the connection may carry another."""
@@ -185,7 +205,7 @@ class UpstreamConnection(BaseProtocol):
             return
         self._received = True
         if self._timing:
-            self._last = self._loop.time()
+            self._last = self.loop.time()
         try:
             messages, _, _ = parser.feed_data(data)
         except HttpProcessingError:
@@ -262,7 +282,7 @@ class UpstreamConnection(BaseProtocol):
             self._timing = False
             return
         deadline = self._last + self._timeout
-        if self._loop.time() < deadline:
+        if self.loop.time() < deadline:
             self._arm(deadline)
             return
         self.should_close = True
@@ -539,3 +559,24 @@ class UpstreamPools:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+
+# -- the upstream side of a WebSocket -------------------------------------------------
+# A WebSocket upstream is reached through aiohttp's ClientSession (not this
+# pool), and aiohttp 3.14's ClientWebSocketResponse offers no public access to
+# its connection: these two reach its private ``_response`` here, the one
+# place allowed to (docs/design.md, "aiohttp internals we rely on").
+
+
+def websocket_transport(ws: ClientWebSocketResponse) -> asyncio.Transport | None:
+    """The transport under an upstream WebSocket. Taken when the relay starts:
+    aiohttp drops its reference when it closes the connection, and a transport
+    whose peer does not read must still be aborted then."""
+    conn = ws._response.connection
+    return conn.transport if conn is not None else None
+
+
+def drop_websocket(ws: ClientWebSocketResponse) -> None:
+    """Close an upstream WebSocket's connection at once, without a close
+    handshake (the client side was never accepted: nothing to relay)."""
+    ws._response.close()

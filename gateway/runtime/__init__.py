@@ -2,6 +2,6 @@
 the worker itself (listen, start, reload on SIGHUP, drain on SIGTERM) and the
 supervisor of several workers.
 
-May import anything in the package (it wires the parts together). Public
+May import: anything in :mod:`gateway` (it wires the parts together). Public
 aiohttp only.
 """

@@ -5,39 +5,41 @@ the proxy path showed most of a request's time in the server's generality: a
 ``BaseRequest`` with its lazy properties, a ``StreamResponse`` and a
 ``StreamWriter`` per answer, headers serialised through multidicts, a task per
 request. Here a connection is one protocol object and one task, a request is
-the parser's ``RawRequestMessage`` plus its body ``StreamReader``, and a
-complete answer leaves in one ``transport.write``.
+the parser's ``RawRequestMessage`` plus its body ``StreamReader`` in one
+record (:class:`gateway.server.request.Request`), and a complete answer leaves
+in one ``transport.write``.
 
 What stays aiohttp's tested code: the request parser (llhttp: framing, limits,
 smuggling checks), body streams with their flow control, and WebSocket, which is
 handed to aiohttp's ``WebSocketResponse`` through a real ``BaseRequest`` bound
-to this protocol (:meth:`Incoming.as_aiohttp`).
+to this protocol (:mod:`gateway.server.websocket`).
+
+This subclasses aiohttp's ``BaseProtocol`` and drives its flow-control
+attributes (``_parser``, ``_upgraded``, ``_reading_paused``, ``_buffer_paused``
+and their helpers, ``_drain_helper``): private to aiohttp 3.14, listed in
+docs/design.md ("aiohttp internals we rely on"), guarded by the ``<3.15`` pin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import http
 import logging
 import math
-import time
-from collections.abc import Awaitable, Callable, Iterable
-from email.utils import formatdate
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.http_websocket import WebSocketReader
-from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web import RequestPayloadError
 
 from gateway.errors import status_error
 from gateway.server.batching import WriteBatch
 from gateway.server.framing import holds_bytes
+from gateway.server.request import Request, reason_phrase
 
 log = logging.getLogger("gateway.server")
 
@@ -53,12 +55,10 @@ MAX_QUEUED = 32
 # LINGER_TIMEOUT between two reads (nginx's lingering_time and lingering_timeout).
 LINGER_TIME = 30.0
 LINGER_TIMEOUT = 5.0
-# Responses that never carry a body (RFC 9110 6.4.1), whatever their headers say.
-_NO_BODY_STATUS = frozenset({204, 304})
 
 # Answers a request: at once or through a callback (returns None and calls
 # ``request.finish()`` when done), or by returning an awaitable to run as a task.
-Handler = Callable[["Incoming"], Awaitable[None] | None]
+Handler = Callable[[Request], Awaitable[None] | None]
 
 
 def _only_chunked(raw_headers: tuple[tuple[bytes, bytes], ...]) -> bool:
@@ -73,14 +73,6 @@ def _only_chunked(raw_headers: tuple[tuple[bytes, bytes], ...]) -> bool:
     return codings == [b"chunked"]
 
 
-def _asks_keep_alive(message: RawRequestMessage) -> bool:
-    return any(
-        token.strip().lower() == "keep-alive"
-        for value in message.headers.getall("Connection", ())
-        for token in value.split(",")
-    )
-
-
 def _maybe_head(window: bytes) -> bool:
     """Whether the request the parser refused may be a HEAD, or be behind one
     lost with it (aiohttp's parser raises for the whole read): the client pairs
@@ -89,233 +81,6 @@ def _maybe_head(window: bytes) -> bool:
     the reads since the last one that completed a request head, which hold
     that first request's start (a false "yes" only costs the JSON body)."""
     return window.startswith(b"HEAD ") or b"\nHEAD " in window
-
-
-
-def _reason(status: int) -> str:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return ""
-
-
-class _Date:
-    """The Date header, formatted once per second rather than per response."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._line = b""
-
-    def line(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._line = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
-        return self._line
-
-
-_DATE = _Date()
-
-
-class Incoming:
-    """One request as the gateway sees it, and the means to answer it.
-
-    It offers the few ``BaseRequest`` attributes the gateway reads (method,
-    headers, remote, content...), so the handlers do not care which server
-    runs them.
-    """
-
-    __slots__ = (
-        "content",
-        "endpoint",
-        "errcode",
-        "error",
-        "finished",
-        "headers",
-        "keep_alive",
-        "message",
-        "method",
-        "on_lost",
-        "openid",
-        "owner",
-        "protocol",
-        "raw_path",
-        "remote",
-        "request_id",
-        "responded",
-        "route",
-        "sent",
-        "started",
-        "status",
-        "upstream",
-        "version",
-    )
-    scheme = "http"
-
-    def __init__(self, protocol: HttpProtocol, message: RawRequestMessage, payload: StreamReader):
-        self.protocol = protocol
-        self.message = message
-        self.content = payload
-        self.method: str = message.method
-        self.raw_path: str = message.path
-        self.headers = message.headers
-        self.version = message.version
-        self.remote: str | None = protocol.remote
-        self.keep_alive = (
-            not message.should_close and not protocol.server.draining and not protocol.last_served
-        )
-        if self.keep_alive and message.version.minor == 0 and not _asks_keep_alive(message):
-            # llhttp also reads Proxy-Connection; HTTP/1.0 persists only on an
-            # explicit "Connection: keep-alive" (RFC 9112 9.3, as h11 reads it).
-            self.keep_alive = False
-        self.responded = False
-        self.finished = False
-        self.status = 0
-        self.started = 0.0
-        self.route: str | None = None  # the matched route's prefix, for metrics
-        self.endpoint: str | None = None  # or the own endpoint's path
-        self.error: str | None = None  # the error code answered, if any
-        self.errcode: int | None = None  # and the WeChat errcode behind it
-        # For the access log: who asked, which target answered, body bytes sent.
-        self.request_id = ""
-        self.owner: Any = None  # the gateway serving it (a reload may swap gateways)
-        self.openid: str | None = None
-        self.upstream: str | None = None
-        self.sent = 0
-        # Called if the client goes away while the answer is pending.
-        self.on_lost: Callable[[], None] | None = None
-
-    def finish(self) -> None:
-        """The answer is complete: the connection may go on to the next request."""
-        if not self.finished:
-            self.finished = True
-            self.protocol.request_done(self)
-
-    def client_gone(self) -> None:
-        """The client went away before its answer was complete: the request
-        still ends (access log, metrics, in-flight count), with nginx's 499
-        when nothing was answered."""
-        self.keep_alive = False
-        if not self.responded:
-            self.status = 499
-            self.error = self.error or "client_closed"
-        self.finish()
-
-    @property
-    def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        return int(value) if value is not None else None
-
-    @property
-    def body_exists(self) -> bool:
-        return self.content is not EMPTY_PAYLOAD
-
-    # -- answering ---------------------------------------------------------------
-    def _head(
-        self, status: int, reason: str, lines: Iterable[bytes], framing: bytes, own: bool
-    ) -> bytes:
-        self.responded = True
-        self.status = status
-        protocol = self.protocol
-        if protocol.server.draining or not self.content.is_eof() or protocol.last_served:
-            # Draining, answering before the body is in (a 401 on an upload), or
-            # no request after this one can be framed: the client is told the
-            # connection ends with this answer.
-            self.keep_alive = False
-        if not self.keep_alive:
-            connection = b"Connection: close\r\n"
-        elif self.version.minor == 0:
-            connection = b"Connection: keep-alive\r\n"
-        else:
-            connection = b""
-        status_line = b"HTTP/1.1 %d %s\r\n" % (
-            status,
-            (reason or _reason(status)).encode("latin-1", "replace"),
-        )
-        date = _DATE.line() if own else b""
-        return b"".join((status_line, *lines, date, framing, connection, b"\r\n"))
-
-    def send(
-        self, status: int, reason: str, lines: Iterable[bytes], body: bytes, *, own: bool = False
-    ) -> None:
-        """A complete answer in one write. ``lines`` are header lines with their CRLF,
-        without framing (Content-Length / Transfer-Encoding), which is set here."""
-        bodyless = self.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
-        framing = b"" if bodyless else b"Content-Length: %d\r\n" % len(body)
-        head = self._head(status, reason, lines, framing, own)
-        if self.protocol.transport is not None:
-            if bodyless:
-                self.protocol.write_soon(head)
-            else:
-                self.protocol.write_soon(head + body)
-                self.sent = len(body)
-
-    def send_response(self, response: web.StreamResponse) -> None:
-        """Serialise an aiohttp ``Response`` (the gateway's own JSON answers)."""
-        body = response.body if isinstance(response, web.Response) else b""
-        if not isinstance(body, bytes):
-            raise TypeError("own responses carry bytes")
-        lines = [
-            f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
-            for name, value in response.headers.items()
-            if name.lower() not in ("content-length", "transfer-encoding", "connection", "date")
-        ]
-        if response.keep_alive is False:
-            self.keep_alive = False
-        self.send(response.status, response.reason, lines, body, own=True)
-
-    async def start_stream(
-        self, status: int, reason: str, lines: Iterable[bytes], length: int | None
-    ) -> None:
-        """Send the head of an answer whose body follows by :meth:`write`."""
-        if length is not None:
-            framing = b"Content-Length: %d\r\n" % length
-            self.protocol.chunked = False
-        elif self.version >= (1, 1):
-            framing = b"Transfer-Encoding: chunked\r\n"
-            self.protocol.chunked = True
-        else:
-            # An HTTP/1.0 client knows no chunked encoding: the end of the
-            # connection marks the end of the body.
-            framing = b""
-            self.keep_alive = False
-            self.protocol.chunked = False
-        await self.protocol.write(self._head(status, reason, lines, framing, own=False))
-
-    async def write(self, chunk: bytes) -> None:
-        if not chunk or self.method == "HEAD":
-            return
-        self.sent += len(chunk)
-        if self.protocol.chunked:
-            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-        await self.protocol.write(chunk)
-
-    async def end_stream(self) -> None:
-        if self.protocol.chunked and self.method != "HEAD":
-            await self.protocol.write(b"0\r\n\r\n")
-
-    def send_continue(self) -> None:
-        if self.protocol.transport is not None:
-            self.protocol.write_soon(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def abort(self) -> None:
-        """Cut the connection: the only honest end of an answer already under way."""
-        self.keep_alive = False
-        self.protocol.close()
-
-    def as_aiohttp(self) -> web.BaseRequest:
-        """A real aiohttp request on this connection, for WebSocket upgrades."""
-        protocol = self.protocol
-        self.keep_alive = False
-        protocol.flush_out()  # aiohttp writes to the transport directly
-        return web.BaseRequest(
-            self.message,
-            self.content,
-            protocol,  # type: ignore[arg-type]  # the attributes it reads are provided
-            StreamWriter(protocol, protocol.loop),
-            asyncio.current_task(),  # type: ignore[arg-type]
-            protocol.loop,
-        )
 
 
 class HttpProtocol(BaseProtocol):
@@ -341,7 +106,7 @@ class HttpProtocol(BaseProtocol):
             collections.deque()
         )
         self._task: asyncio.Task[None] | None = None
-        self._current: Incoming | None = None
+        self._current: Request | None = None
         self._processing = False
         self._closed = False
         self._ws_parser: WebSocketReader | None = None
@@ -623,7 +388,7 @@ class HttpProtocol(BaseProtocol):
             raise ConnectionResetError("the client closed the connection")
         self.flush_out()
         transport.write(data)
-        if self._paused:
+        if self.writing_paused:
             await self._drain_helper()
 
     def pause_writing(self) -> None:
@@ -683,7 +448,12 @@ class HttpProtocol(BaseProtocol):
         try:
             # While the client is not taking its answers (writing paused), the
             # next pipelined request waits: answers never pile up unbounded.
-            while self._queue and self._current is None and not self._closed and not self._paused:
+            while (
+                self._queue
+                and self._current is None
+                and not self._closed
+                and not self.writing_paused
+            ):
                 message, payload = self._queue.popleft()
                 if self._buffer_paused and len(self._queue) <= MAX_QUEUED // 2:
                     self._resume_reading_for_buffer()
@@ -700,7 +470,7 @@ class HttpProtocol(BaseProtocol):
                     )
                     self.close()
                     return
-                request = Incoming(self, message, payload)
+                request = Request(self, message, payload)
                 self._current = request
                 self.busy = True
                 if payload is not EMPTY_PAYLOAD and not payload.is_eof():
@@ -723,11 +493,11 @@ class HttpProtocol(BaseProtocol):
         finally:
             self._processing = False
 
-    def run_pending(self, request: Incoming, pending: Awaitable[None]) -> None:
+    def run_pending(self, request: Request, pending: Awaitable[None]) -> None:
         """Finish answering ``request`` in a task (I/O to wait on)."""
         self._task = self.loop.create_task(self._run_pending(request, pending))
 
-    async def _run_pending(self, request: Incoming, pending: Awaitable[None]) -> None:
+    async def _run_pending(self, request: Request, pending: Awaitable[None]) -> None:
         try:
             await pending
         except (ConnectionError, RequestPayloadError, asyncio.CancelledError):
@@ -743,18 +513,20 @@ class HttpProtocol(BaseProtocol):
             self.cancel_on_lost = False
         request.finish()
 
-    def _fail_request(self, request: Incoming) -> None:
+    def _fail_request(self, request: Request) -> None:
         request.keep_alive = False
         if not request.responded:
             request.send_response(status_error(500))
         request.finish()
 
-    def request_done(self, request: Incoming) -> None:
+    def request_done(self, request: Request) -> None:
         if request is not self._current:
             return
         self._current = None
         self.cancel_on_lost = False
-        self.server.on_done(request)
+        owner = request.owner
+        if owner is not None:
+            owner.request_done(request)  # the gateway that handled it, perhaps retired since
         if self.transport is None:
             return
         if self._upgraded and self._ws_parser is None and request.keep_alive:
@@ -844,7 +616,7 @@ class HttpProtocol(BaseProtocol):
             b"HTTP/1.1 %d %s\r\n%bContent-Length: %d\r\nConnection: close\r\n\r\n%b"
             % (
                 status,
-                _reason(status).encode(),
+                reason_phrase(status).encode(),
                 b"".join(lines),
                 length,
                 body if head is False else b"",
@@ -933,7 +705,6 @@ class HttpServer:
         self,
         handler: Handler,
         *,
-        on_done: Callable[[Incoming], None] | None = None,
         idle_timeout: float = 75.0,
         header_timeout: float = 10.0,
         body_timeout: float = 60.0,
@@ -941,7 +712,6 @@ class HttpServer:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.handler = handler
-        self.on_done = on_done or (lambda request: None)
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
