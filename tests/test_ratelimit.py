@@ -8,7 +8,7 @@ import pytest
 from gateway.config import Rate
 from gateway.errors import RateLimited
 from gateway.ratelimit import RateLimiter
-from tests.conftest import StartGateway
+from tests.support.gateway import StartGateway, url_of
 from tests.support.upstream import Recorder
 
 
@@ -68,7 +68,7 @@ async def test_login_limit_off_with_zero(start_gateway: StartGateway) -> None:
 async def test_route_limit_is_per_openid_and_per_ip_when_anonymous(
     start_gateway: StartGateway, seen: Recorder, upstream: aiohttp.test_utils.TestServer
 ) -> None:
-    url = str(upstream.make_url("")).rstrip("/")
+    url = url_of(upstream)
     gw = await start_gateway(
         routes=[
             {"prefix": "/api/", "upstream": url, "rate_limit": "2/m"},

@@ -27,20 +27,30 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from gateway.wechat import fake
 from gateway.wechat.access_token import LEASE
 from gateway.wechat.crypto import encrypt_payload
-from tests.conftest import APPID, Running, StartGateway, base_config, free_port
-from tests.support.client import Reply, assert_error, bearer, send
-from tests.support.procs import GatewayProcess, wait_healthy, write_config
+from tests.support.client import Reply, bearer, fake_stats, logged_in, send
+from tests.support.errors import assert_error
+from tests.support.gateway import (
+    APPID,
+    WECHAT_SECRET,
+    Running,
+    StartGateway,
+    base_config,
+    config_for,
+    url_of,
+)
+from tests.support.procs import GatewayProcess, RunGateway
+from tests.support.upstream import served
 
 PHONE_KEYS = {"phone_number", "pure_phone_number", "country_code"}
 IV = base64.b64encode(bytes(range(16))).decode()
+TTL = 4  # seconds an access token of `short_lived_tokens_wechat` lives
 
 # -- helpers -------------------------------------------------------------------
 
 
 async def login(http: aiohttp.ClientSession, base: str, code: str) -> str:
-    reply = await send(http, "POST", base + "/auth/login", json={"code": code})
-    assert reply.status == 200, reply.raw
-    token: str = reply.body["token"]
+    """A fresh session's token."""
+    token: str = (await logged_in(http, base, code))["token"]
     return token
 
 
@@ -60,9 +70,8 @@ async def me(http: aiohttp.ClientSession, base: str, token: str) -> dict[str, An
 
 
 async def calls(http: aiohttp.ClientSession, wechat: TestServer) -> dict[str, int]:
-    async with http.get(wechat.make_url("/_fake/stats")) as resp:
-        counts: dict[str, int] = (await resp.json())["calls"]
-        return counts
+    counts: dict[str, int] = (await fake_stats(http, wechat))["calls"]
+    return counts
 
 
 def sealed(session_key: str, payload: dict[str, Any], iv: str = IV) -> dict[str, str]:
@@ -169,13 +178,10 @@ async def test_concurrent_cold_phone_calls_fetch_one_access_token(
 
 @pytest.fixture
 async def short_lived_tokens_wechat() -> AsyncIterator[TestServer]:
-    """A fake WeChat whose access tokens live 4 s."""
-    server = TestServer(
-        fake.create_app(appid=APPID, secret="wechat-secret-value", token_ttl=4), host="127.0.0.1"
-    )
-    await server.start_server()
-    yield server
-    await server.close()
+    """A fake WeChat whose access tokens live 4 s, on the wall clock (the gateway's)."""
+    app = fake.create_app(appid=APPID, secret=WECHAT_SECRET, token_ttl=TTL, clock=time.time)
+    async with served(app) as server:
+        yield server
 
 
 async def test_access_token_is_refreshed_a_margin_before_it_expires(
@@ -186,19 +192,20 @@ async def test_access_token_is_refreshed_a_margin_before_it_expires(
     short_lived_tokens_wechat: TestServer,
 ) -> None:
     wechat = short_lived_tokens_wechat
-    gw = await start_gateway(
-        base_config(
-            tmp_path, str(upstream.make_url("")).rstrip("/"), str(wechat.make_url("")).rstrip("/")
-        )
-    )
+    gw = await start_gateway(config_for(tmp_path, upstream, wechat))
     token = await login(http, gw.url, "margin")
-    started = time.monotonic()
     first = await phone(http, gw.url, token, {"code": "phone-13600000001"})
+    answered = time.time()
     assert first.status == 200
-    assert time.monotonic() - started < 0.25, "too slow a machine for this timing test"
-    # 3.85 s into a 4 s token: WeChat still accepts it, but a gateway that keeps a
-    # margin before expires_in has already stopped using it.
-    await asyncio.sleep(started + 3.85 - time.monotonic())
+    [expiry] = wechat.app[fake.FAKE_STATE].tokens.values()
+    # The gateway took the token between its issue and `answered`, so it stops
+    # using it by answered + TTL - TTL / 10. Just before WeChat's expiry WeChat
+    # still accepts it, but a gateway that keeps that margin has stopped using it.
+    # (On a machine so busy that the first call took longer than the margin, the
+    # second call comes after the expiry: a gateway without the margin then sees
+    # the token refused and retries, which the counts below catch as well.)
+    ask_at = max(expiry - 0.15, answered + TTL * 0.9 + 0.05)
+    await asyncio.sleep(ask_at - time.time())
     second = await phone(http, gw.url, token, {"code": "phone-13600000002"})
     assert second.status == 200, second.raw
     counts = await calls(http, wechat)
@@ -262,8 +269,10 @@ async def test_phone_wechat_timeout(
     body = assert_error(
         await phone(http, gw.url, token, {"code": "slow-phone"}), 504, "wechat_timeout"
     )
-    assert 0.9 <= time.monotonic() - started < 3.5
+    # The fake answers "slow-" codes after 5 s: a 504 is the 1 s timeout's.
+    assert time.monotonic() - started >= 0.9
     assert "wechat_errcode" not in body
+    # Not retried later in the background (an absence: a grace, not a poll).
     await asyncio.sleep(0.3)
     assert (await calls(http, wechat))["getuserphonenumber"] == 1
 
@@ -323,28 +332,21 @@ def delaying_wechat(target: str, delay: float) -> web.Application:
 
 @pytest.mark.parametrize("delay", [0.0, 0.5], ids=["direct", "slow-stable-token"])
 async def test_access_token_single_flight_across_processes(
-    tmp_path: Path, upstream: TestServer, wechat: TestServer, delay: float
+    tmp_path: Path, upstream: TestServer, wechat: TestServer, run_gateway: RunGateway, delay: float
 ) -> None:
     shim: TestServer | None = None
-    api_base = str(wechat.make_url("")).rstrip("/")
+    api_base = url_of(wechat)
     if delay:
         shim = TestServer(delaying_wechat(api_base, delay), host="127.0.0.1")
         await shim.start_server()
-        api_base = str(shim.make_url("")).rstrip("/")
+        api_base = url_of(shim)
     procs: list[GatewayProcess] = []
-    urls: list[str] = []
     try:
         for name in ("one", "two"):
-            port = free_port()
-            raw = base_config(tmp_path, str(upstream.make_url("")).rstrip("/"), api_base)
-            raw["server"]["port"] = port  # same storage file (tmp_path/gateway.db) for both
-            procs.append(
-                GatewayProcess(["run", "-c", str(write_config(tmp_path / f"{name}.yaml", raw))])
-            )
-            urls.append(f"http://127.0.0.1:{port}")
-        await asyncio.gather(
-            *(asyncio.to_thread(wait_healthy, u, p.proc) for u, p in zip(urls, procs, strict=True))
-        )
+            # The same storage file (tmp_path/gateway.db) for both.
+            raw = base_config(tmp_path, url_of(upstream), api_base)
+            procs.append(await run_gateway(raw=raw, name=name))
+        urls = [p.url for p in procs]
         async with aiohttp.ClientSession() as http:
             tokens = [await login(http, u, f"xproc-{i}") for i, u in enumerate(urls)]
             assert (await calls(http, wechat))["stable_token"] == 0
@@ -367,29 +369,16 @@ async def test_access_token_single_flight_across_processes(
 
 
 async def test_access_token_refetch_single_flight_across_processes(
-    tmp_path: Path, upstream: TestServer, wechat: TestServer
+    wechat: TestServer, run_gateway: RunGateway
 ) -> None:
     """WeChat rejects the shared token while both processes are busy: one refetch in
     all, not one per process (a second forced refresh would kill the first one's
     fresh token under its in-flight retries)."""
     procs: list[GatewayProcess] = []
-    urls: list[str] = []
     try:
-        for name in ("one", "two"):
-            port = free_port()
-            raw = base_config(
-                tmp_path,
-                str(upstream.make_url("")).rstrip("/"),
-                str(wechat.make_url("")).rstrip("/"),
-            )
-            raw["server"]["port"] = port
-            procs.append(
-                GatewayProcess(["run", "-c", str(write_config(tmp_path / f"{name}.yaml", raw))])
-            )
-            urls.append(f"http://127.0.0.1:{port}")
-        await asyncio.gather(
-            *(asyncio.to_thread(wait_healthy, u, p.proc) for u, p in zip(urls, procs, strict=True))
-        )
+        # The same storage file (tmp_path/gateway.db) for both.
+        procs = [await run_gateway(name=name) for name in ("one", "two")]
+        urls = [p.url for p in procs]
         async with aiohttp.ClientSession() as http:
             tokens = [await login(http, u, f"refetch-xproc-{i}") for i, u in enumerate(urls)]
             # Warm up one after the other: one fetch, then shared through storage.
@@ -440,7 +429,7 @@ async def test_lease_winner_rechecks_the_shared_token_before_fetching(
             json={
                 "grant_type": "client_credential",
                 "appid": APPID,
-                "secret": "wechat-secret-value",
+                "secret": WECHAT_SECRET,
                 "force_refresh": False,
             },
         ) as resp:
@@ -578,3 +567,84 @@ async def test_decrypt_without_a_stored_session_key_is_session_expired(
     phone_only = gw.token("o-phone-only")
     assert (await phone(http, gw.url, phone_only, {"code": "phone-13100000000"})).status == 200
     assert_error(await decrypt(http, gw.url, phone_only, body), 401, "session_expired")
+
+
+# -- from the end-to-end login flow --------------------------------------------
+
+
+async def test_phone_by_code_single_token_fetch_and_refetch(
+    gw: Running, http: aiohttp.ClientSession, wechat: TestServer
+) -> None:
+    body = await logged_in(http, gw.url, "phone-owner")
+    auth = {"Authorization": f"Bearer {body['token']}"}
+    for i in range(10):
+        async with http.post(
+            gw.url + "/auth/phone", headers=auth, json={"code": f"phone-1390000000{i}"}
+        ) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {
+                "phone_number": f"1390000000{i}",
+                "pure_phone_number": f"1390000000{i}",
+                "country_code": "86",
+            }
+    assert (await fake_stats(http, wechat))["calls"]["stable_token"] == 1
+    async with http.post(wechat.make_url("/_fake/invalidate_tokens")) as resp:
+        assert resp.status == 200
+    async with http.post(
+        gw.url + "/auth/phone", headers=auth, json={"code": "phone-intcc-13911112222"}
+    ) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["country_code"] == "86"
+    assert (await fake_stats(http, wechat))["calls"]["stable_token"] == 2
+    async with http.get(gw.url + "/auth/me", headers=auth) as resp:
+        assert (await resp.json())["phone_number"] == "13911112222"
+    async with http.post(
+        gw.url + "/auth/phone", headers=auth, json={"code": "invalid-phone"}
+    ) as resp:
+        body = await resp.json()
+        assert (resp.status, body["error"], body["wechat_errcode"]) == (401, "invalid_code", 40029)
+    async with http.post(
+        gw.url + "/auth/phone", headers=auth, json={"code": "errcode-40001"}
+    ) as resp:
+        body = await resp.json()
+        assert (resp.status, body["error"], body["wechat_errcode"]) == (502, "wechat_error", 40001)
+
+
+async def test_legacy_decrypt(gw: Running, http: aiohttp.ClientSession) -> None:
+    code = "legacy-user"
+    body = await logged_in(http, gw.url, code)
+    auth = {"Authorization": f"Bearer {body['token']}"}
+    key, iv = fake.session_key_for(code), "r7BXXKkLb8qrSNn05n0qiA=="
+    phone = {
+        "phoneNumber": "13800000001",
+        "purePhoneNumber": "13800000001",
+        "countryCode": 86,
+        "watermark": {"appid": APPID, "timestamp": 1},
+    }
+    data = encrypt_payload(key, phone, iv)
+    async with http.post(
+        gw.url + "/auth/phone", headers=auth, json={"encrypted_data": data, "iv": iv}
+    ) as resp:
+        assert resp.status == 200 and (await resp.json())["country_code"] == "86"
+    info = {"nickName": "Band", "watermark": {"appid": APPID, "timestamp": 1}}
+    data = encrypt_payload(key, info, iv)
+    async with http.post(
+        gw.url + "/auth/decrypt", headers=auth, json={"encrypted_data": data, "iv": iv}
+    ) as resp:
+        assert resp.status == 200 and (await resp.json())["data"]["nickName"] == "Band"
+    wrong = encrypt_payload(key, {**info, "watermark": {"appid": "wxother", "timestamp": 1}}, iv)
+    other_key = encrypt_payload(fake.session_key_for("someone-else"), info, iv)
+    cases = [
+        ({"encrypted_data": wrong, "iv": iv}, 400, "decrypt_failed"),
+        ({"encrypted_data": other_key, "iv": iv}, 400, "decrypt_failed"),
+        ({"encrypted_data": "***not base64***", "iv": iv}, 400, "bad_request"),
+        ({"encrypted_data": data, "iv": "bad"}, 400, "bad_request"),
+    ]
+    for payload, status, error in cases:
+        async with http.post(gw.url + "/auth/decrypt", headers=auth, json=payload) as resp:
+            assert (resp.status, (await resp.json())["error"]) == (status, error)
+    stranger = gw.auth("o-never-logged-in")
+    async with http.post(
+        gw.url + "/auth/decrypt", headers=stranger, json={"encrypted_data": data, "iv": iv}
+    ) as resp:
+        assert (resp.status, (await resp.json())["error"]) == (401, "session_expired")

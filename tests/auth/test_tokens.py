@@ -34,9 +34,9 @@ from gateway.auth.tokens import TokenCodec, VerifiedTokens, bearer_from_header, 
 from gateway.config import Secret, TokenConfig
 from gateway.errors import TokenExpired, TokenInvalid, TokenMissing
 from gateway.wechat import fake
-from tests.conftest import TOKEN_SECRET, Running, StartGateway
-from tests.support.rawhttp import Response as Reply
-from tests.support.rawhttp import request_once
+from tests.support.errors import assert_error
+from tests.support.gateway import TOKEN_SECRET, Running, StartGateway
+from tests.support.rawhttp import Response, request
 from tests.support.upstream import Recorder
 
 OTHER_SECRET = "another-secret-nobody-configured-0123456789"
@@ -46,11 +46,8 @@ KID = key_id(Secret(TOKEN_SECRET))
 # -- helpers --------------------------------------------------------------------------------
 
 
-async def send(port: int, target: str, headers: list[tuple[str, str]]) -> Reply:
-    lines = [f"GET {target} HTTP/1.1", "Host: t", *(f"{k}: {v}" for k, v in headers)]
-    return await request_once(
-        port, ("\r\n".join([*lines, "Connection: close"]) + "\r\n\r\n").encode()
-    )
+async def send(port: int, target: str, headers: list[tuple[str, str]]) -> Response:
+    return await request(port, target, headers)
 
 
 def bearer(token: str) -> list[tuple[str, str]]:
@@ -492,6 +489,69 @@ async def test_tokens_survive_a_restart(start_gateway: StartGateway, seen: Recor
     reply = await send(second.listener.port, "/auth/me", bearer(issued))
     assert reply.status == 200, reply.body
     assert reply.json["openid"] == fake.openid_for("restart-code")
+
+
+async def test_token_forgeries(gw: Running, seen: Recorder) -> None:
+    """The attack pass's forgeries, one after the other on one gateway."""
+    good = gw.token("o-good")
+    h, _, sig = good.split(".")
+    cases = {
+        "alg none": jwt.encode(claims(), None, algorithm="none"),
+        "other key": sign(claims(), "another-key-" + "k" * 32),
+        "HS512": sign(claims(), alg="HS512"),
+        "tampered payload": f"{h}.{sign(claims(sub='o-admin')).split('.')[1]}.{sig}",
+        "wrong issuer": sign(claims(iss="someone-else")),
+        "no exp": sign(claims(exp=None)),
+        "no sid": sign(claims(sid=None)),
+        "unknown kid": sign(claims(), kid="nope"),
+        "no kid": sign(claims(), kid=None),
+        "garbage": "not.a.token",
+        "huge": "a" * 7000,  # over the 4 KiB token limit, under the 8 KiB header limit
+        "control chars in sub": sign(claims(sub="o-x\r\nX-OpenId: o-admin")),
+    }
+    for label, token in cases.items():
+        reply = await send(gw.listener.port, "/api/x", bearer(token))
+        assert (reply.status, reply.json["error"]) == (401, INVALID), label
+    expired = sign(claims(exp=int(time.time()) - 5))
+    assert_error(await send(gw.listener.port, "/api/x", bearer(expired)), 401, EXPIRED)
+    for header in (
+        [("Authorization", "Basic dXNlcjpwYXNz")],
+        [("Authorization", "Bearer")],
+        [*bearer(good), *bearer(good)],
+    ):
+        reply = await send(gw.listener.port, "/api/x", header)
+        assert_error(reply, 401, (INVALID, MISSING))
+    assert seen.seen == []
+    assert (await send(gw.listener.port, "/api/x", bearer(good))).status == 200
+
+
+async def test_key_rotation_and_custom_token_header(
+    start_gateway: StartGateway, seen: Recorder
+) -> None:
+    old = await start_gateway()
+    old_token = old.token("o-rotated")
+    rotated = await start_gateway(
+        token={"secret": NEW_SECRET, "previous_secrets": [TOKEN_SECRET], "header": "X-Token"}
+    )
+    new_token = rotated.token("o-new")
+    assert (
+        jwt.get_unverified_header(new_token)["kid"] != jwt.get_unverified_header(old_token)["kid"]
+    )
+    for token, openid in ((old_token, "o-rotated"), (new_token, "o-new")):
+        reply = await send(
+            rotated.listener.port,
+            "/api/x",
+            [("X-Token", token), ("Authorization", "Basic kept")],
+        )
+        assert reply.status == 200
+        headers = dict(seen.last.headers)
+        assert headers["X-OpenId"] == openid
+        # An ordinary header, with a custom token header.
+        assert headers["Authorization"] == "Basic kept"
+        assert "X-Token" not in headers
+    retired = await start_gateway(token={"secret": NEW_SECRET})
+    reply = await send(retired.listener.port, "/api/x", bearer(old_token))
+    assert_error(reply, 401, INVALID)
 
 
 # -- gateway.auth.tokens units -----------------------------------------------------------------

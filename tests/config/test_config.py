@@ -9,6 +9,7 @@ import pytest
 
 from gateway.config import ConfigError, Rate, build_config, load_config
 from gateway.config.units import parse_duration, parse_rate, parse_size
+from tests.support import ROOT
 
 SECRET = "s" * 32
 
@@ -318,7 +319,7 @@ def test_yaml_duplicate_keys_and_syntax_errors(tmp_path: Path) -> None:
 
 
 def test_shipped_config_is_valid_without_any_environment() -> None:
-    cfg = load_config(str(Path(__file__).resolve().parents[2] / "config.yaml"), env={})
+    cfg = load_config(str(ROOT / "config.yaml"), env={})
     assert cfg.wechat.fake is True
     assert cfg.routes and all(r.upstreams for r in cfg.routes)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 from gateway import errors
 from gateway.config import model
+from tests.support import ROOT
 
-DOC = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+DOC = (ROOT / "docs" / "configuration.md").read_text()
 SECTIONS = {
     "server": model.ServerConfig,
     "wechat": model.WechatConfig,

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from gateway import errors
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -14,9 +13,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import base_config, free_port
-from tests.support.procs import ROOT, GatewayProcess, children, wait_healthy, write_config
+from tests.support.gateway import free_port, url_of
+from tests.support.procs import ROOT, GatewayProcess, RunGateway, children, wait_workers
 from tests.support.upstream import Recorder
+from tests.support.waiting import until
 
 
 def run_cli(
@@ -82,26 +82,13 @@ async def test_shipped_config_logs_in_and_routes(
     env = {
         "GATEWAY_PORT": str(port),
         "GATEWAY_STORAGE_URL": f"sqlite:///{tmp_path}/gw.db",
-        "DEMO_UPSTREAM": str(upstream.make_url("")).rstrip("/"),
+        "DEMO_UPSTREAM": url_of(upstream),
     }
-    for name in ("WECHAT_APPID", "WECHAT_SECRET", "GATEWAY_TOKEN_SECRET", "WECHAT_FAKE"):
-        env[name] = os.environ.get(name, "")
-    env = {k: v for k, v in env.items() if v}
-    clean_env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("WECHAT_APPID", "WECHAT_SECRET", "GATEWAY_TOKEN_SECRET", "WECHAT_FAKE")
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "-c", "config.yaml"],
-        cwd=ROOT,
-        env={**clean_env, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
+    credentials = ("WECHAT_APPID", "WECHAT_SECRET", "GATEWAY_TOKEN_SECRET", "WECHAT_FAKE")
+    proc = GatewayProcess(["run", "-c", "config.yaml"], env=env, port=port, drop_env=credentials)
+    url = proc.url
     try:
-        await asyncio.to_thread(wait_healthy, url, proc)
+        await proc.healthy()
         async with aiohttp.ClientSession() as http:
             async with http.post(url + "/auth/login", json={"code": "readme-code"}) as resp:
                 assert resp.status == 200, await resp.text()
@@ -117,46 +104,29 @@ async def test_shipped_config_logs_in_and_routes(
         assert seen.last.raw_path == "/api/orders"
         assert [v for k, v in seen.last.headers if k.lower() == "x-openid"] == [login["openid"]]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    err = proc.communicate()[1].decode()
-    assert proc.returncode == 0, err
-    assert "FAKE WeChat" in err
-    assert "development default" in err
+        code = proc.stop()
+    assert code == 0, proc.stderr
+    assert "FAKE WeChat" in proc.stderr
+    assert "development default" in proc.stderr
 
 
 async def test_workers_share_the_port_and_a_dead_worker_is_replaced(
-    tmp_path: Path, upstream: TestServer, wechat: TestServer
+    run_gateway: RunGateway,
 ) -> None:
-    port = free_port()
-    raw = base_config(
-        tmp_path, str(upstream.make_url("")).rstrip("/"), str(wechat.make_url("")).rstrip("/")
-    )
-    raw["server"]["port"] = port
-    path = write_config(tmp_path / "gw.yaml", raw)
-    gateway = GatewayProcess(["run", "-c", str(path), "--workers", "2"])
-    url = f"http://127.0.0.1:{port}"
+    gateway = await run_gateway("--workers", "2")
+    url = gateway.url
     try:
-        await asyncio.to_thread(wait_healthy, url, gateway.proc)
-        deadline = time.monotonic() + 20
-        while len(children(gateway.pid)) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        workers = children(gateway.pid)
-        assert len(workers) == 2
+        workers = await wait_workers(gateway, 2)
         os.kill(workers[0], signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+
+        def replacement() -> bool:
             now = children(gateway.pid)
-            if len(now) == 2 and workers[0] not in now:
-                break
-            await asyncio.sleep(0.1)
+            return len(now) == 2 and workers[0] not in now
+
+        await until(replacement, "a new worker in place of the killed one", every=0.1)
         replaced = children(gateway.pid)
-        assert len(replaced) == 2 and workers[0] not in replaced and workers[1] in replaced
-        await asyncio.to_thread(wait_healthy, url, gateway.proc)
+        assert workers[1] in replaced
+        await gateway.healthy()
         async with aiohttp.ClientSession() as http:
             for _ in range(20):
                 async with http.get(url + "/healthz") as resp:

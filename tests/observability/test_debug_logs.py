@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +23,16 @@ from aiohttp.test_utils import TestServer
 
 from gateway.wechat import fake
 from gateway.wechat.crypto import encrypt_payload
-from tests.conftest import APPID, TOKEN_SECRET, base_config, free_port
 from tests.support.client import Reply, bearer, send
-from tests.support.procs import GatewayProcess, wait_healthy, write_config
+from tests.support.gateway import APPID, TOKEN_SECRET, WECHAT_SECRET, config_for
+from tests.support.procs import spawn
 from tests.support.rawhttp import exchange
+from tests.support.secrets import leaking_lines, leaks
+from tests.support.waiting import PROMPT, eventually
 
-WECHAT_SECRET = "wechat-secret-value"
 IV = base64.b64encode(bytes(range(16))).decode()
 LEGACY_PHONE = "13700001111"
 CODE_PHONE = "13912345678"
-
-
-def variants(secret: str) -> set[str]:
-    """A secret as a log line could carry it: raw, URL-encoded, JSON-escaped."""
-    return {
-        secret,
-        urllib.parse.quote(secret, safe=""),
-        urllib.parse.quote_plus(secret),
-        json.dumps(secret)[1:-1],
-    }
 
 
 def session_key_forms(session_key: str) -> dict[str, str]:
@@ -56,34 +45,16 @@ def session_key_forms(session_key: str) -> dict[str, str]:
     }
 
 
-def leaks(text: str, secrets: dict[str, str]) -> list[str]:
-    return sorted(
-        name for name, value in secrets.items() if any(v in text for v in variants(value))
-    )
-
-
-def leaking_lines(text: str, secrets: dict[str, str]) -> list[str]:
-    """The first lines that carry a secret, for the failure message."""
-    found = [line for line in text.splitlines() if leaks(line, secrets)]
-    return [line[:300] for line in found[:20]]
-
-
 async def test_debug_level_writes_no_secret(
     tmp_path: Path, upstream: TestServer, wechat: TestServer, http: aiohttp.ClientSession
 ) -> None:
-    port = free_port()
-    raw = base_config(
-        tmp_path,
-        str(upstream.make_url("")).rstrip("/"),
-        str(wechat.make_url("")).rstrip("/"),
-        server={"port": port, "workers": 2},
-        log={"level": "debug", "access": True},
+    raw = config_for(
+        tmp_path, upstream, wechat, server={"workers": 2}, log={"level": "debug", "access": True}
     )
-    proc = GatewayProcess(["run", "-c", str(write_config(tmp_path / "gw.yaml", raw))])
-    url = f"http://127.0.0.1:{port}"
+    proc = await spawn(tmp_path, raw)
+    url, port = proc.url, raw["server"]["port"]
     secrets: dict[str, str] = {"wechat secret": WECHAT_SECRET, "token secret": TOKEN_SECRET}
     try:
-        await asyncio.to_thread(wait_healthy, url, proc.proc)
         await _walk_through(http, url, port, secrets)
     finally:
         output = await asyncio.to_thread(proc.output)
@@ -155,15 +126,12 @@ async def _walk_through(
         "sid"
     ]
     assert (await call("POST", "/auth/logout", headers=bearer(bob_token))).status == 200
-    deadline = time.monotonic() + 10
-    while True:  # wait until both workers refuse it (each polls storage)
-        statuses = {
-            (await call("GET", "/auth/me", headers=bearer(bob_token))).status for _ in "12345"
-        }
-        if statuses == {401} or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    assert statuses == {401}
+
+    async def refused_everywhere() -> bool:  # by both workers (each polls storage)
+        me = [await call("GET", "/auth/me", headers=bearer(bob_token)) for _ in "12345"]
+        return {reply.status for reply in me} == {401}
+
+    await eventually(refused_everywhere, "the revoked token refused by every worker")
 
     # Malformed requests carrying secrets: refused, and never echoed into a log.
     carol = users["union-debug-carol"]["token"]
@@ -175,6 +143,6 @@ async def _walk_through(
         f"GET /api/x?token={carol}&k={session_key}\x7f HTTP/1.1\r\nHost: gw\r\n\r\n",
         f"GET /api/x HTTP/1.1\r\nHost: gw\r\nX-Phone: {CODE_PHONE}\x00{carol}\r\n\r\n",
     ):
-        answer = await exchange(port, request.encode("latin-1"), deadline=5.0)
+        answer = await exchange(port, request.encode("latin-1"), deadline=PROMPT)
         assert answer.closed
         assert answer.statuses() in ([], [400]), answer

@@ -7,40 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from pathlib import Path
-from typing import Any
 
 import aiohttp
-from aiohttp.test_utils import TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Running, StartGateway, base_config, free_port
-from tests.support.procs import GatewayProcess, children, wait_healthy, write_config
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """{(sample name, sorted labels): value} of an exposition."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-async def scrape(http: aiohttp.ClientSession, url: str) -> str:
-    async with http.get(url + "/metrics") as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("text/plain")
-        return await resp.text()
-
-
-async def login(http: aiohttp.ClientSession, url: str, code: str) -> tuple[int, dict[str, Any]]:
-    async with http.post(url + "/auth/login", json={"code": code}) as resp:
-        return resp.status, await resp.json()
+from tests.support.client import logged_in, login
+from tests.support.gateway import Running, StartGateway, free_port
+from tests.support.metrics import scrape, value
+from tests.support.procs import RunGateway, children
+from tests.support.waiting import eventually
 
 
 async def test_requests_latency_and_upstream_errors(
@@ -84,10 +58,9 @@ async def test_requests_latency_and_upstream_errors(
 async def test_logins_wechat_calls_token_fetches_and_revocations(
     gw: Running, http: aiohttp.ClientSession
 ) -> None:
-    status, ok = await login(http, gw.url, "metrics-user")
-    assert status == 200
-    assert (await login(http, gw.url, "invalid-metrics"))[0] == 401
-    assert (await login(http, gw.url, "busy-metrics"))[0] == 502
+    ok = await logged_in(http, gw.url, "metrics-user")
+    assert (await login(http, gw.url, "invalid-metrics")).status == 401
+    assert (await login(http, gw.url, "busy-metrics")).status == 502
     auth = {"Authorization": f"Bearer {ok['token']}"}
     async with http.post(
         gw.url + "/auth/phone", json={"code": "phone-13800000000"}, headers=auth
@@ -111,18 +84,10 @@ async def test_logins_wechat_calls_token_fetches_and_revocations(
     assert ok["openid"] not in text and ok["token"] not in text
 
 
-async def test_counts_are_summed_across_workers(
-    tmp_path: Path, upstream: TestServer, wechat: TestServer
-) -> None:
-    port = free_port()
-    raw = base_config(
-        tmp_path, str(upstream.make_url("")).rstrip("/"), str(wechat.make_url("")).rstrip("/")
-    )
-    raw["server"].update({"port": port, "workers": 2})
-    gateway = GatewayProcess(["run", "-c", str(write_config(tmp_path / "gw.yaml", raw))])
-    url = f"http://127.0.0.1:{port}"
+async def test_counts_are_summed_across_workers(run_gateway: RunGateway) -> None:
+    gateway = await run_gateway(server={"workers": 2})
+    url = gateway.url
     try:
-        await asyncio.to_thread(wait_healthy, url, gateway.proc)
 
         def hammer() -> tuple[set[str], int]:
             # A fresh connection per request: SO_REUSEPORT spreads them over both
@@ -140,13 +105,18 @@ async def test_counts_are_summed_across_workers(
 
         writers, sent = await asyncio.to_thread(hammer)
         assert len(writers) == 2, "both workers should have served some requests"
-        await asyncio.sleep(1.5)  # past the workers' save interval
-        async with aiohttp.ClientSession() as http:
-            for _ in range(6):  # whichever worker answers, the sum is the same
-                text = await scrape(http, url)
-                assert (
-                    value(text, "wxgateway_requests_total", route="/public/", status="200") == sent
-                )
-        assert len(children(gateway.proc.pid)) == 2
+        # A fresh connection per scrape, so that both workers answer some.
+        fresh = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=fresh) as http:
+
+            async def summed() -> bool:
+                # Whichever worker answers, the sum is the same, once each worker
+                # has saved its counts (every second).
+                texts = [await scrape(http, url) for _ in range(6)]
+                route = {"route": "/public/", "status": "200"}
+                return all(value(t, "wxgateway_requests_total", **route) == sent for t in texts)
+
+            await eventually(summed, f"{sent} requests counted by every worker's /metrics")
+        assert len(children(gateway.pid)) == 2
     finally:
         assert gateway.stop() == 0

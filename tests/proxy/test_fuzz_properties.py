@@ -27,7 +27,8 @@ from gateway.config import Config, build_config
 from gateway.errors import TokenExpired, TokenInvalid, TokenMissing
 from gateway.proxy.headers import HeaderRules
 from gateway.proxy.paths import BadPath, NormalisedPath, normalise
-from tests.conftest import TOKEN_SECRET, base_config
+from tests.support.gateway import TOKEN_SECRET, base_config
+from tests.support.headers import fold
 
 settings.register_profile(
     "wx-gateway-fuzz",
@@ -342,10 +343,6 @@ def inbound_headers(draw: st.DrawFn) -> list[tuple[str, str]]:
             value = draw(CONNECTION_VALUES)
         out.append((name, value))
     return out
-
-
-def fold(name: str) -> str:
-    return name.lower().replace("_", "-")
 
 
 def connection_listed(inbound: list[tuple[str, str]]) -> set[str]:

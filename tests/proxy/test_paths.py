@@ -14,17 +14,19 @@ library to tidy the URL up) to a running gateway and checks what the upstream sa
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from gateway.config import RouteConfig
 from gateway.proxy.paths import BadPath, normalise, normalise_segments, split_target
 from gateway.proxy.routing import Router
-from tests.conftest import Running, StartGateway
-from tests.support.rawhttp import Response as Reply
-from tests.support.rawhttp import request_once
+from tests.support.errors import assert_error
+from tests.support.gateway import Running, StartGateway, route, url_of
+from tests.support.rawhttp import Response, request
 from tests.support.upstream import Recorder
 
 # -- gateway.proxy.paths.normalise ------------------------------------------------------
@@ -272,15 +274,16 @@ def test_absolute_form_means_its_origin_form(authority: str, first: str, rest: s
 # -- through a running gateway ------------------------------------------------------
 
 
-async def raw_request(port: int, request_line: str, headers: str = "") -> Reply:
-    """Send the request line and header lines exactly as given; read to EOF."""
-    head = f"{request_line}\r\nHost: front.example\r\n{headers}Connection: close\r\n\r\n"
-    return await request_once(port, head.encode("utf-8", "surrogateescape"))
+async def raw_request(
+    port: int, method: str, target: str, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    """The request line exactly as given (no client library to tidy the URL up)."""
+    return await request(port, target, headers or [], method=method, host="front.example")
 
 
 @pytest.fixture
 async def policies(start_gateway: StartGateway, upstream: TestServer) -> Running:
-    url = str(upstream.make_url("")).rstrip("/")
+    url = url_of(upstream)
     return await start_gateway(
         routes=[
             {"prefix": "/public", "upstream": url, "auth": "public"},
@@ -395,20 +398,71 @@ async def test_path_tricks_without_token(
     target: str,
     outcome: str | tuple[int, str],
 ) -> None:
-    reply = await raw_request(policies.listener.port, f"{method} {target} HTTP/1.1")
+    reply = await raw_request(policies.listener.port, method, target)
     if isinstance(outcome, str):
         assert reply.status == 200, reply.body
         assert [s.raw_path for s in seen.seen] == [outcome]
         assert seen.last.method == method
     else:
-        assert (reply.status, reply.json["error"]) == outcome, reply.body
-        assert reply.json["message"]
+        assert_error(reply, *outcome)
         assert seen.seen == []
 
 
 @pytest.fixture
+async def two_policies(start_gateway: StartGateway, upstream: TestServer) -> Running:
+    url = url_of(upstream)
+    return await start_gateway(
+        routes=[
+            {"prefix": "/public", "upstream": url, "auth": "public"},
+            {"prefix": "/private", "upstream": url, "auth": "required"},
+            {"prefix": "/", "upstream": url, "auth": "public"},
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "forwarded"),
+    [
+        ("/public/../private/x", 401, None),
+        ("/public/%2e%2e/private/x", 401, None),
+        ("/public/%2E%2E/private/x", 401, None),
+        ("/public/.%2e/private/x", 401, None),
+        ("/public//../private/x", 401, None),
+        ("//private/x", 401, None),
+        ("/public/..;/private/x", 401, None),
+        ("/private;jsessionid=1/x", 401, None),
+        ("/./private/x", 401, None),
+        ("/public/..%2fprivate/x", 400, None),
+        ("/public/..%2Fprivate", 400, None),
+        ("/public/..%5cprivate", 400, None),
+        ("/public/..\\private", 400, None),
+        ("/public/%00", 400, None),
+        ("/public/%zz", 400, None),
+        ("/..", 400, None),
+        ("/public/../../x", 400, None),
+        ("/public/a%20b/./c?q=%2F&r=..%2F", 200, "/public/a%20b/c?q=%2F&r=..%2F"),
+        ("/public/x/../y", 200, "/public/y"),
+        ("/public//x", 200, "/public/x"),
+        ("http://evil.example/public/x", 200, "/public/x"),
+        ("/publicx/..", 200, "/"),
+    ],
+)
+async def test_path_tricks(
+    two_policies: Running, seen: Recorder, target: str, status: int, forwarded: str | None
+) -> None:
+    """The same tricks with a catch-all public route behind the private one."""
+    reply = await request(two_policies.listener.port, target)
+    assert reply.status == status, reply.body
+    if forwarded is None:
+        assert seen.seen == []
+        assert_error(reply, status, ("bad_request", "token_missing"))
+    else:
+        assert seen.last.raw_path == forwarded
+
+
+@pytest.fixture
 async def catch_all(start_gateway: StartGateway, upstream: TestServer) -> Running:
-    url = str(upstream.make_url("")).rstrip("/")
+    url = url_of(upstream)
     return await start_gateway(
         routes=[
             {"prefix": "/", "upstream": url, "auth": "public"},
@@ -432,7 +486,7 @@ ABSOLUTE_QUERIES = [
 async def test_absolute_form_query_is_never_the_path(
     catch_all: Running, seen: Recorder, target: str, forwarded: str
 ) -> None:
-    reply = await raw_request(catch_all.listener.port, f"GET {target} HTTP/1.1")
+    reply = await raw_request(catch_all.listener.port, "GET", target)
     assert reply.status == 200, reply.body
     assert [s.raw_path for s in seen.seen] == [forwarded]
     assert seen.last.header("X-OpenId") is None
@@ -460,7 +514,7 @@ async def test_path_tricks_with_token_reach_the_private_route_normalised(
 ) -> None:
     token = policies.token("o-path")
     reply = await raw_request(
-        policies.listener.port, f"GET {target} HTTP/1.1", f"Authorization: Bearer {token}\r\n"
+        policies.listener.port, "GET", target, [("Authorization", f"Bearer {token}")]
     )
     assert reply.status == 200, reply.body
     assert [s.raw_path for s in seen.seen] == [forwarded]
@@ -476,9 +530,9 @@ async def test_bad_paths_are_refused_even_with_a_token(
 ) -> None:
     token = policies.token("o-path")
     reply = await raw_request(
-        policies.listener.port, f"GET {target} HTTP/1.1", f"Authorization: Bearer {token}\r\n"
+        policies.listener.port, "GET", target, [("Authorization", f"Bearer {token}")]
     )
-    assert (reply.status, reply.json["error"]) == BAD
+    assert_error(reply, *BAD)
     assert seen.seen == []
 
 
@@ -496,9 +550,67 @@ async def test_bad_paths_are_refused_even_with_a_token(
 async def test_own_endpoints_are_matched_on_the_normalised_path(
     gw: Running, seen: Recorder, target: str, status: int
 ) -> None:
-    reply = await raw_request(gw.listener.port, f"GET {target} HTTP/1.1")
+    reply = await raw_request(gw.listener.port, "GET", target)
     assert reply.status == status, reply.body
     assert seen.seen == []
+
+
+async def test_no_route_is_404_json(gw: Running, http: aiohttp.ClientSession) -> None:
+    async with http.get(gw.url + "/nowhere") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"] == "no_route"
+
+
+async def test_own_endpoints_are_never_proxied(
+    gw: Running, http: aiohttp.ClientSession, seen: Recorder
+) -> None:
+    async with http.get(gw.url + "/healthz") as resp:
+        assert resp.status == 200
+    async with http.get(gw.url + "/api/../readyz") as resp:
+        assert resp.status == 200
+    async with http.get(gw.url + "/auth/unknown") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"] == "no_route"
+    async with http.post(gw.url + "/healthz") as resp:
+        assert resp.status == 405
+        assert (await resp.json())["error"] == "method_not_allowed"
+    assert seen.seen == []
+
+
+async def test_strip_prefix_base_path_and_query(
+    start_gateway: StartGateway, http: aiohttp.ClientSession, upstream: TestServer, seen: Recorder
+) -> None:
+    base = url_of(upstream)
+    gw = await start_gateway(
+        routes=[
+            route("/svc/", base, strip_prefix=True),
+            route("/one", base, strip_prefix=True),
+            route("/deep/er/", base, strip_prefix=True),
+            route("/b/", base + "/base"),
+            route("/bs/", base + "/base/", strip_prefix=True),
+            route("/keep/", base),
+            route("/based/", base + "/base", strip_prefix=True),
+        ]
+    )
+    query = "z=1&a=%2F&a=2&e=&f&sp=a+b%20c&u=%E4%BD%A0&semi=a;b&q=?&amp=%26"
+    cases = {
+        "/svc/x": "/x",
+        "/svc/a/b/": "/a/b/",
+        "/svc/": "/",
+        "/one": "/",
+        "/one/x": "/x",
+        "/deep/er/x": "/x",
+        "/b/x": "/base/b/x",
+        "/bs/x/y": "/base/x/y",
+        "/keep/x": "/keep/x",
+        "/keep/a%20b/%E4%BD%A0": "/keep/a%20b/%E4%BD%A0",
+        "/based/y": "/base/y",
+    }
+    for sent, expected in cases.items():
+        for qs in ("", "?" + query):
+            async with http.get(URL(gw.url + sent + qs, encoded=True)) as resp:
+                assert resp.status == 200, (sent, await resp.text())
+            assert seen.last.raw_path == expected + qs, sent
 
 
 # The fast path of normalise() (a path that is already its own normal form) must

@@ -56,7 +56,10 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.proxy.paths import BadPath, normalise, split_target
-from tests.conftest import Running, StartGateway
+from tests.support.gateway import Running, StartGateway
+from tests.support.headers import fold
+from tests.support.rawupstream import RawUpstream
+from tests.support.waiting import until
 
 # -- run size and bounds ------------------------------------------------------------------
 
@@ -75,12 +78,15 @@ FRAMING = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+# Waits that end a passing example come from the gateway (an answer, a close);
+# the deadlines below are only reached by a gateway that stalls, so they are
+# long enough for a machine busy with other work.
 PIECE_PAUSE = 0.01  # between the pieces of a split send: each arrives as its own read
-STALL = 1.0  # silence, with answers still missing, after which the gateway has stalled
-ANSWER_DEADLINE = 5.0  # the longest wait for one example's answers
+STALL = 10.0  # silence, with answers still missing, after which the gateway has stalled
+ANSWER_DEADLINE = 20.0  # the longest wait for one example's answers
 IDLE = 0.05  # after every expected answer: how long to wait for one too many
-SETTLE = 0.02  # for the upstream to log the last bytes it was sent
-EXAMPLE_TIMEOUT = 30.0  # one example, end to end (only ever reached by a hang)
+SETTLE = 0.02  # once nothing is in flight, for the upstream to log the last bytes
+EXAMPLE_TIMEOUT = 120.0  # one example, end to end (only ever reached by a hang)
 
 ALICE = "o-alice"
 GW_HOST = "gw.example"
@@ -123,11 +129,6 @@ VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 TAG = re.compile(r"[?&]t=(e\d+)([rs])(\d+)")
 
 Headers = list[tuple[bytes, bytes]]
-
-
-def fold(name: bytes) -> bytes:
-    """How the gateway compares the names it owns: any case, `_` read as `-`."""
-    return name.lower().replace(b"_", b"-")
 
 
 def values(headers: Headers, name: bytes) -> list[bytes]:
@@ -449,35 +450,16 @@ class Reply:
     extra: bool = False  # the last piece carries bytes beyond the answer
 
 
-class RawUpstream:
+class H11Upstream(RawUpstream):
     """An upstream on asyncio streams: h11 reads each request off the wire (a
     fresh parser per request, fed what was left over), ``respond`` writes exact
     bytes back. Every request lands in ``log``, in arrival order."""
 
     def __init__(self, respond: Callable[[UpRequest], Reply]) -> None:
+        super().__init__(self._connection)
         self.respond = respond
         self.log: list[UpRequest] = []
         self.raw: dict[int, bytearray] = defaultdict(bytearray)
-        self.port = 0
-        self._ids = itertools.count(1)
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return f"http://127.0.0.1:{self.port}"
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
     async def drop_connections(self) -> None:
         """Close every connection, so that an example starts with none pooled: a
@@ -489,19 +471,10 @@ class RawUpstream:
             await asyncio.wait(list(self._tasks), timeout=1.0)
         await asyncio.sleep(0.01)  # for the gateway to see the closes
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            await self._exchanges(next(self._ids), reader, writer)
-        except (ConnectionError, OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-            self._writers.discard(writer)
-            self._tasks.discard(task)
+    async def _connection(
+        self, _: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self._exchanges(self.connections, reader, writer)
 
     async def _exchanges(
         self, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -571,9 +544,10 @@ class RawUpstream:
 
 
 class Harness:
-    def __init__(self, loop: asyncio.AbstractEventLoop, gw: Running, upstream: RawUpstream):
+    def __init__(self, loop: asyncio.AbstractEventLoop, gw: Running, upstream: H11Upstream):
         self.loop = loop
         self.port = gw.listener.port
+        self.gateway = gw.listener.gateway
         self.upstream = upstream
         self.token = gw.token(ALICE)
         self.stream_bytes = b""  # the current example's client bytes (property A)
@@ -582,6 +556,14 @@ class Harness:
 
     def prefix(self) -> str:
         return f"e{next(self._examples)}"
+
+    async def settle(self) -> None:
+        """Once the gateway has nothing in flight, a moment for the upstream to
+        log the last bytes it was sent. (Best effort: what the checks need has
+        already arrived, the answers having come through the upstream.)"""
+        with contextlib.suppress(AssertionError):
+            await until(lambda: self.gateway.inflight == 0, "nothing in flight", timeout=10.0)
+        await asyncio.sleep(SETTLE)
 
     def run(self, spec: object, example: Callable[[], Coroutine[Any, Any, Report]]) -> None:
         """Run one example on the loop; fail with its problems and its spec. (The
@@ -1046,7 +1028,7 @@ async def client_example(h: Harness, stream: Stream) -> Report:
     methods = [r.method.encode() for r in stream.requests]
     complete = sum(r.complete for r in reading.requests)
     received, closed = await send_stream(h, pieces, eof, methods, complete)
-    await asyncio.sleep(SETTLE)
+    await h.settle()
     forwarded = h.upstream.since(mark, prefix)
 
     say = Report()
@@ -1127,8 +1109,8 @@ async def client_example(h: Harness, stream: Stream) -> Report:
 async def test_client_streams_reach_the_upstream_as_h11_reads_them(
     start_gateway: StartGateway,
 ) -> None:
-    upstream = RawUpstream(echo)
-    url = await upstream.start()
+    upstream = H11Upstream(echo)
+    url = (await upstream.start()).url
     try:
         gw = await start_gateway(
             routes=[
@@ -1416,7 +1398,7 @@ async def upstream_example(h: Harness, scripts: Scripts, plan: list[Exchange]) -
     finally:
         for c in conns:
             await c.close()
-    await asyncio.sleep(SETTLE)
+    await h.settle()
     forwarded = h.upstream.since(mark, prefix)
 
     say = Report()
@@ -1458,8 +1440,8 @@ async def test_upstream_answers_reach_the_client_as_h11_reads_them(
     start_gateway: StartGateway,
 ) -> None:
     scripts = Scripts()
-    upstream = RawUpstream(scripts)
-    url = await upstream.start()
+    upstream = H11Upstream(scripts)
+    url = (await upstream.start()).url
     try:
         gw = await start_gateway(
             routes=[{"prefix": "/public/", "upstream": url, "auth": "public", "timeout": "2s"}]

@@ -32,9 +32,11 @@ from aiohttp.test_utils import TestServer
 
 from gateway.auth.tokens import TokenCodec
 from gateway.config import build_config
-from tests.conftest import Running, StartGateway, base_config, free_port
-from tests.support.procs import GatewayProcess, children, wait_healthy, write_config
-from tests.support.rawhttp import Exchange, Response, exchange
+from tests.support.errors import assert_error
+from tests.support.gateway import Running, StartGateway, base_config, config_for
+from tests.support.headers import fold
+from tests.support.procs import children, spawn, wait_workers
+from tests.support.rawhttp import Exchange, exchange
 from tests.support.upstream import Recorder, Seen
 
 OPENID = "o-hostile-real-user"
@@ -68,10 +70,6 @@ HOP_BY_HOP = {
     "proxy-authorization",
     "proxy-authenticate",
 }
-
-
-def fold(name: str) -> str:
-    return name.lower().replace("_", "-")
 
 
 # -- the cases ----------------------------------------------------------------------
@@ -168,7 +166,7 @@ BAD_OR_LARGE = ("bad_request", "body_too_large")
 
 
 def upstream_header(seen: Seen, name: str) -> list[str]:
-    return [v for k, v in seen.headers if fold(k) == fold(name)]
+    return [v for _, v in seen.header_values(name)]
 
 
 def check_xff_is_peer(seen: Recorder, _: Exchange) -> None:
@@ -1190,22 +1188,11 @@ def token_sent(raw: bytes) -> bool:
     return TOKEN in raw
 
 
-def assert_json_error(response: Response, allowed: tuple[str, ...] | None = None) -> None:
-    ctype = response.header("Content-Type") or ""
-    assert ctype.startswith("application/json"), (response.status, ctype, response.body[:200])
-    body = response.json
-    assert isinstance(body, dict), body
-    assert isinstance(body.get("error"), str) and body["error"], body
-    assert isinstance(body.get("message"), str) and body["message"], body
-    if allowed is not None:
-        assert body["error"] in allowed, (body, allowed)
-
-
 def assert_answers_sane(ex: Exchange) -> None:
     for response in ex.responses:
         assert response.status < 500, (response.status, response.body[:300])
         if response.status >= 400:
-            assert_json_error(response)
+            assert_error(response, None)
 
 
 def assert_upstream_clean(seen: Recorder, *, token_sent: bool) -> None:
@@ -1260,7 +1247,7 @@ def check_case(case: Case, ex: Exchange, seen: Recorder, token_sent: bool) -> No
         assert len(ex.responses) <= 1, ex.statuses()
         assert seen.seen == [], [(s.method, s.raw_path) for s in seen.seen]
         if ex.responses:
-            assert_json_error(ex.responses[0], case.errors)
+            assert_error(ex.responses[0], None, case.errors)
         return
     assert tuple(ex.statuses()) == case.statuses, (ex.statuses(), ex.rest[:200])
     got = [(s.method, s.raw_path) for s in seen.seen]
@@ -1325,31 +1312,28 @@ async def test_hostile_request(
 async def test_slowloris_does_not_block_other_clients(
     hostile_gw: Running, seen: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Twenty clients trickle their header bytes for ~2 s; meanwhile normal requests
-    are answered promptly, and the trickled requests end in a sane way."""
+    """Twenty clients trickle their header bytes for ~6 s (within the 10 s
+    header_timeout); meanwhile normal requests are answered, and the trickled
+    requests end in a sane way. No clock is read: a gateway that the tricklers
+    blocked would answer nothing until the first of them was done."""
     port = hostile_gw.listener.port
     head = b"GET /api/trickled HTTP/1.1\r\nHost: gw.example\r\n" + A + b"X-Trickle: " + b"t" * 20
 
     async def trickler() -> Exchange:
         pieces = [head[:20]] + [bytes([b]) for b in head[20:]] + [b"\r\n" + C + b"\r\n"]
-        # ~2 s in total, whatever the head's length.
-        return await exchange(port, pieces, pause=2.0 / len(pieces), deadline=3.0)
+        # ~6 s in total, whatever the head's length.
+        return await exchange(port, pieces, pause=6.0 / len(pieces))
 
     slow = [asyncio.create_task(trickler()) for _ in range(20)]
-    await asyncio.sleep(0.2)
-    timings = []
-    while not all(t.done() for t in slow) and len(timings) < 30:
-        started = time.monotonic()
-        ex = await exchange(port, get(b"/api/meanwhile"), deadline=2.0)
-        timings.append(time.monotonic() - started)
+    served_meanwhile = 0
+    while not any(t.done() for t in slow) and served_meanwhile < 10:
+        ex = await exchange(port, get(b"/api/meanwhile"))
         assert ex.statuses() == [200], ex.statuses()
+        if not any(t.done() for t in slow):
+            served_meanwhile += 1
         await asyncio.sleep(0.1)
     results = await asyncio.gather(*slow)
-    # A request takes well under a second on loopback; the 0.3 s idle wait is the
-    # reader's, not the gateway's (the response is Connection: close).
-    assert len(timings) >= 5, timings
-    assert sorted(timings)[len(timings) // 2] < 0.5, timings
-    assert max(timings) < 1.5, timings
+    assert served_meanwhile >= 3, f"{served_meanwhile} requests served while the tricklers ran"
     for ex in results:
         assert_answers_sane(ex)
         # Either served once its head was complete, or refused/closed as too slow.
@@ -1362,19 +1346,16 @@ async def test_slowloris_does_not_block_other_clients(
 
 
 async def test_slow_body_does_not_block_other_clients(hostile_gw: Running, seen: Recorder) -> None:
-    """A body trickled a byte at a time is relayed as it comes; others are served."""
+    """A body trickled a byte at a time (~8 s) is relayed as it comes; others are
+    served meanwhile, while it is still arriving."""
     port = hostile_gw.listener.port
     body = b"0123456789abcdef"
     head = post(b"/api/trickled-body", body)[: -len(body)]
-    task = asyncio.create_task(
-        exchange(port, [head, *[bytes([b]) for b in body]], pause=0.1, deadline=4.0)
-    )
-    await asyncio.sleep(0.3)
+    task = asyncio.create_task(exchange(port, [head, *[bytes([b]) for b in body]], pause=0.5))
     for _ in range(5):
-        started = time.monotonic()
-        ex = await exchange(port, get(b"/api/meanwhile"), deadline=2.0)
+        ex = await exchange(port, get(b"/api/meanwhile"))
         assert ex.statuses() == [200]
-        assert time.monotonic() - started < 1.5
+        assert not task.done(), "the trickled body ended before the others were served"
     ex = await task
     assert ex.statuses() == [200]
     record = next(s for s in seen.seen if s.raw_path == "/api/trickled-body")
@@ -1415,22 +1396,11 @@ SUBPROCESS_CASES = [
 async def test_battery_against_two_workers(
     tmp_path: Path, upstream: TestServer, wechat: TestServer, seen: Recorder
 ) -> None:
-    port = free_port()
-    raw = base_config(
-        tmp_path,
-        str(upstream.make_url("")).rstrip("/"),
-        str(wechat.make_url("")).rstrip("/"),
-        server={"port": port, "workers": 2, "max_body": "64KiB"},
-    )
-    path = write_config(tmp_path / "hostile.yaml", raw)
-    gateway = GatewayProcess(["run", "-c", str(path)])
+    raw = config_for(tmp_path, upstream, wechat, server={"workers": 2, "max_body": "64KiB"})
+    gateway = await spawn(tmp_path, raw, name="hostile")
+    port = raw["server"]["port"]
     try:
-        await asyncio.to_thread(wait_healthy, f"http://127.0.0.1:{port}", gateway.proc)
-        deadline = time.monotonic() + 20
-        while len(children(gateway.pid)) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        workers = sorted(children(gateway.pid))
-        assert len(workers) == 2, workers
+        workers = await wait_workers(gateway, 2)
         # Both workers must be accepting before we start (SO_REUSEPORT spreads
         # connections by their source port, so each case is sent several times).
         await assert_still_serving(port, seen)

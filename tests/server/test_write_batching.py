@@ -8,7 +8,7 @@ import asyncio
 import aiohttp
 
 from gateway.server.batching import WriteBatch
-from tests.conftest import Running
+from tests.support.gateway import Running
 from tests.support.rawhttp import exchange
 from tests.support.upstream import Recorder
 

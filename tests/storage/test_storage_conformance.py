@@ -21,8 +21,8 @@ import pytest
 
 from gateway.storage import AccessToken, Storage, StorageError
 from gateway.storage.sqlite import SCHEMA_VERSION, SQLiteStorage, sqlite_path_from_url
+from tests.support import ROOT
 
-REPO = Path(__file__).resolve().parents[2]
 Factory = Callable[[], Storage]
 
 # Each backend: tmp_path -> a factory of fresh, unopened instances on the same data,
@@ -394,7 +394,7 @@ async def test_a_cancelled_write_leaves_no_transaction_open(tmp_path: Path) -> N
 def _run_python(script: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-W", "error", "-c", textwrap.dedent(script), *args],
-        cwd=REPO,
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 
 from gateway.storage.sqlite import SQLiteStorage
-from tests.conftest import StartGateway
+from tests.support.gateway import StartGateway
 
 
 async def test_read_only_storage_is_503_and_not_ready(start_gateway: StartGateway) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 
@@ -27,15 +28,26 @@ async def send(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
         return Reply(resp.status, resp.headers.copy(), await resp.read())
 
 
+async def login(http: aiohttp.ClientSession, base: str, code: Any) -> Reply:
+    """POST /auth/login with ``code`` (the fake WeChat's codes choose its answer)."""
+    return await send(http, "POST", base + "/auth/login", json={"code": code})
+
+
+async def logged_in(http: aiohttp.ClientSession, base: str, code: str) -> dict[str, Any]:
+    """The login answer's body (token, openid, ...), once it is a 200."""
+    reply = await login(http, base, code)
+    assert reply.status == 200, reply.raw
+    body: dict[str, Any] = reply.body
+    return body
+
+
+async def fake_stats(http: aiohttp.ClientSession, wechat: TestServer) -> dict[str, Any]:
+    """What the fake WeChat has counted: its ``calls`` per API, and more."""
+    async with http.get(wechat.make_url("/_fake/stats")) as resp:
+        assert resp.status == 200
+        stats: dict[str, Any] = await resp.json()
+        return stats
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
-    """The contract's error shape: JSON with a stable `error` and a human `message`."""
-    assert reply.status == status, reply.raw
-    assert reply.headers["Content-Type"].startswith("application/json")
-    body: dict[str, Any] = reply.body
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"].strip()
-    return body

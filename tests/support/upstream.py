@@ -5,25 +5,26 @@ paths for streaming, SSE, slow answers, cookies and WebSockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.support.headers import HeaderLines
 
 
 @dataclass
-class Seen:
+class Seen(HeaderLines):
     method: str
     raw_path: str
     headers: list[tuple[str, str]]
     body: bytes
     body_size: int
-
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
 
     def header_names(self) -> list[str]:
         return [k for k, _ in self.headers]
@@ -32,6 +33,11 @@ class Seen:
 @dataclass
 class Recorder:
     seen: list[Seen] = field(default_factory=list)
+    # Gated event streams (/events?gated=1): event i+1 is written once the test
+    # sets gates[i], after it has read event i at the client.
+    gates: defaultdict[int, asyncio.Event] = field(
+        default_factory=lambda: defaultdict(asyncio.Event)
+    )
 
     @property
     def last(self) -> Seen:
@@ -111,17 +117,36 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events, one every `interval` seconds; the test checks that the
-    first arrives long before the last is written."""
+    """`n` server-sent events, one every `interval` seconds; with `gated=1`, each
+    after the test has seen the one before (so a gateway that held events back
+    until the end would never deliver the first: no timing involved)."""
+    recorder = request.app[RECORDER]
     count = int(request.query.get("n", "3"))
     interval = float(request.query.get("interval", "0.5"))
+    gated = request.query.get("gated") == "1"
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
-    for i in range(count):
-        await response.write(f"data: event {i}\n\n".encode())
-        await asyncio.sleep(interval)
+    pieces = [f"data: event {i}\n\n".encode() for i in range(count)]
+    await write_paced(response, pieces, interval, recorder.gates if gated else None)
     await response.write_eof()
     return response
+
+
+Gates = Sequence[asyncio.Event] | defaultdict[int, asyncio.Event]
+
+
+async def write_paced(
+    response: web.StreamResponse, pieces: Sequence[bytes], interval: float, gates: Gates | None
+) -> None:
+    """Write ``pieces`` one at a time: ``interval`` seconds apart or, with
+    ``gates``, piece i+1 once the test has set ``gates[i]`` (having seen piece i
+    at the client: a gateway holding pieces back then never delivers the first)."""
+    for i, piece in enumerate(pieces):
+        if gates is not None and i:
+            await asyncio.wait_for(gates[i - 1].wait(), 60)
+        await response.write(piece)
+        if gates is None:
+            await asyncio.sleep(interval)
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -149,3 +174,14 @@ def create_upstream_app() -> web.Application:
     app.router.add_get("/api/ws", websocket)
     app.router.add_route("*", "/{tail:.*}", reflect)
     return app
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application, **kwargs: Any) -> AsyncIterator[TestServer]:
+    """``app`` as a real server on a loopback port, for the length of the block."""
+    server = TestServer(app, host="127.0.0.1", **kwargs)
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,13 +20,16 @@ from pytest_aiohttp import AiohttpClient
 from gateway.wechat.fake import (
     DEMO_PHONE,
     FAKE_APPID,
+    FAKE_STATE,
     create_app,
     openid_for,
     session_key_for,
     unionid_for,
 )
+from tests.support import ROOT
+from tests.support.gateway import free_port
+from tests.support.waiting import PROMPT, until
 
-REPO = Path(__file__).resolve().parents[2]
 APPID, SECRET = "wxtestappid0000001", "test-app-secret-value"
 Client = TestClient[web.Request, web.Application]
 
@@ -368,10 +369,12 @@ async def test_shutdown_releases_slow_requests() -> None:
     await client.start_server()
     try:
         pending = asyncio.create_task(login(client, "slow"))
-        await asyncio.sleep(0.2)
+        state = server.app[FAKE_STATE]
+        await until(lambda: state.calls["jscode2session"] == 1, "the slow login being served")
         started = time.monotonic()
         await server.close()
-        assert time.monotonic() - started < 5
+        # Far from the 30 s the slow code would otherwise hold the shutdown.
+        assert time.monotonic() - started < 15
         # Released by the shutdown, then answered normally.
         assert (await pending)["openid"] == openid_for("slow")
     finally:
@@ -379,12 +382,6 @@ async def test_shutdown_releases_slow_requests() -> None:
 
 
 # --- run() as a real process --------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _get_json(url: str, deadline: float) -> dict[str, Any]:
@@ -399,13 +396,13 @@ def _get_json(url: str, deadline: float) -> dict[str, Any]:
 
 
 def test_run_serves_real_tcp_and_warns_loudly() -> None:
-    port = _free_port()
+    port = free_port()
     script = (
         f"from gateway.wechat.fake import run; run(port={port}, appid={APPID!r}, secret={SECRET!r})"
     )
     proc = subprocess.Popen(
         [sys.executable, "-u", "-c", script],
-        cwd=REPO,
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -415,7 +412,7 @@ def test_run_serves_real_tcp_and_warns_loudly() -> None:
             f"http://127.0.0.1:{port}/sns/jscode2session?appid={APPID}&secret={SECRET}"
             "&js_code=tcp-code&grant_type=authorization_code"
         )
-        answer = _get_json(url, time.monotonic() + 20)
+        answer = _get_json(url, time.monotonic() + PROMPT)
     finally:
         proc.terminate()
         output, _ = proc.communicate(timeout=20)

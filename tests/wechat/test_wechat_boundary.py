@@ -28,11 +28,19 @@ from aiohttp.test_utils import TestServer
 
 from gateway.wechat import fake
 from gateway.wechat.crypto import encrypt_payload
-from tests.conftest import APPID, Running, StartGateway, base_config, free_port
-from tests.support.client import Reply, assert_error, bearer, send
-from tests.support.procs import GatewayProcess, peak_rss_kib, wait_healthy, write_config
+from tests.support.client import Reply, bearer, send
+from tests.support.errors import assert_error
+from tests.support.gateway import (
+    APPID,
+    Running,
+    StartGateway,
+    base_config,
+    url_of,
+)
+from tests.support.procs import peak_rss_kib, spawn
+from tests.support.upstream import served
+from tests.support.waiting import PROMPT, until
 
-WECHAT_SECRET = "wechat-secret-value"
 HUGE = 50 * 1024 * 1024
 # The documented cap on a WeChat answer (gateway/wechat/client.py MAX_ANSWER_BYTES).
 MAX_ANSWER_BYTES = 4 * 1024
@@ -89,10 +97,8 @@ async def hostile_server() -> AsyncIterator[TestServer]:
     app = web.Application()
     app[HOSTILE] = Hostile()
     app.router.add_route("*", "/{tail:.*}", app[HOSTILE].handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
+    async with served(app) as server:
+        yield server
 
 
 @pytest.fixture
@@ -115,16 +121,14 @@ async def trap() -> AsyncIterator[TestServer]:
     app = web.Application()
     app[TRAP] = []
     app.router.add_route("*", "/{tail:.*}", record)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
+    async with served(app) as server:
+        yield server
 
 
 @pytest.fixture
 async def hgw(start_gateway: StartGateway, hostile_server: TestServer) -> Running:
     """A gateway whose WeChat is the hostile one."""
-    return await start_gateway(wechat={"api_base": str(hostile_server.make_url("")).rstrip("/")})
+    return await start_gateway(wechat={"api_base": url_of(hostile_server)})
 
 
 def users(gw: Running) -> int:
@@ -235,13 +239,11 @@ async def test_a_50_mb_answer_is_wechat_error_and_never_read_whole(
     started = time.monotonic()
     reply = await call_api(http, hgw, api)
     assert_error(reply, 502, "wechat_error")
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < PROMPT
     # The gateway stopped reading at a few KiB and closed: the rest could not be
     # written (what got out sits in socket buffers, a few MB at most).
-    deadline = time.monotonic() + 10
-    while not hostile.sent and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert hostile.sent and hostile.sent[0] < HUGE // 2, hostile.sent
+    await until(lambda: bool(hostile.sent), "the hostile answer's end")
+    assert hostile.sent[0] < HUGE // 2, hostile.sent
 
 
 @pytest.mark.parametrize("api", [LOGIN, TOKEN, PHONE])
@@ -303,17 +305,9 @@ async def test_memory_stays_bounded_under_four_50_mb_answers(
 ) -> None:
     """A real ``gateway run``: four concurrent logins answered with 50 MB each
     (the attack that took a worker from 56 to 358 MB)."""
-    port = free_port()
-    raw = base_config(
-        tmp_path,
-        str(upstream.make_url("")).rstrip("/"),
-        str(hostile_server.make_url("")).rstrip("/"),
-        server={"port": port},
-    )
-    proc = GatewayProcess(["run", "-c", str(write_config(tmp_path / "gw.yaml", raw))])
-    url = f"http://127.0.0.1:{port}"
+    proc = await spawn(tmp_path, base_config(tmp_path, url_of(upstream), url_of(hostile_server)))
+    url = proc.url
     try:
-        await asyncio.to_thread(wait_healthy, url, proc.proc)
         for code in ("warm-1", "warm-2"):  # load every code path first
             async with http.post(url + "/auth/login", json={"code": code}) as resp:
                 assert resp.status == 200

@@ -1,7 +1,8 @@
-"""How long a proxied WebSocket lives, what it holds, and how it ends (issue 13
-items 2, 3, 4 and 10): revocation and expiry (1008), idleness, flow control
-toward a peer that stops reading, shutdown (1001), message size (1009), and
-close frames passed on both ways, never 1006 on the wire.
+"""Proxied WebSockets: the handshake (a token first, only on routes that allow
+it, the identity injected), and how long a socket lives, what it holds and how
+it ends (issue 13 items 2, 3, 4 and 10): revocation and expiry (1008), idleness,
+flow control toward a peer that stops reading, shutdown (1001), message size
+(1009), and close frames passed on both ways, never 1006 on the wire.
 
 Real servers on loopback: aiohttp upstreams, raw asyncio upstreams that never
 read, raw socket clients that send what aiohttp's client would not, and
@@ -31,10 +32,12 @@ from aiohttp.test_utils import TestServer
 
 from gateway.auth.tokens import TokenCodec
 from gateway.config import build_config
-from tests.conftest import StartGateway, base_config, free_port
-from tests.support.procs import GatewayProcess, children, rss_kib, wait_healthy, write_config
+from tests.support.gateway import Running, StartGateway, base_config, url_of
+from tests.support.procs import rss_kib, spawn, wait_workers
+from tests.support.upstream import Recorder, served
+from tests.support.waiting import PROMPT, until
 
-WAIT = 15.0  # the longest any single wait may take on a busy machine
+WAIT = PROMPT  # the longest any single wait may take on a busy machine
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _ESTABLISHED = 1  # tcp_info.tcpi_state (linux/tcp.h)
 
@@ -92,10 +95,8 @@ async def recorder() -> AsyncIterator[tuple[TestServer, Seen]]:
     app = web.Application()
     app[SEEN] = Seen()
     app.router.add_get("/{tail:.*}", _recording)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield server, app[SEEN]
-    await server.close()
+    async with served(app) as server:
+        yield server, app[SEEN]
 
 
 # -- a raw upstream that completes the handshake and then never reads -----------------
@@ -243,8 +244,53 @@ def raw_config(tmp_path: Path, upstream_url: str, wechat_url: str, **sections: A
     return raw
 
 
-def url_of(server: TestServer) -> str:
-    return str(server.make_url("")).rstrip("/")
+# == the handshake ===========================================================================
+@pytest.mark.parametrize("upgrade", ["websocket", "h2c"])
+async def test_upgrade_on_non_websocket_route_is_400(
+    gw: Running, http: aiohttp.ClientSession, seen: Recorder, upgrade: str
+) -> None:
+    headers = {
+        "Connection": "Upgrade",
+        "Upgrade": upgrade,
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    async with http.get(gw.url + "/public/ws", headers=headers) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"] == "bad_request"
+    # On a route that needs a token, the answer is the same with or without one:
+    # the route cannot take an upgrade whoever asks (checked before the token).
+    for auth in ({}, gw.auth("o-up"), {"Authorization": "Bearer not-a-token"}):
+        async with http.get(gw.url + "/opt/ws", headers={**headers, **auth}) as resp:
+            assert resp.status == 400, auth
+            assert (await resp.json())["error"] == "bad_request"
+    assert seen.seen == []
+
+
+async def test_websocket_is_relayed_with_identity(
+    gw: Running, http: aiohttp.ClientSession, seen: Recorder
+) -> None:
+    async with http.ws_connect(
+        gw.url + "/api/ws", headers={**gw.auth("o-ws"), "X-OpenId": "spoof"}, protocols=("chat",)
+    ) as ws:
+        assert ws.protocol == "chat"
+        await ws.send_str("hello")
+        assert (await ws.receive_str()) == "echo:hello"
+        await ws.send_bytes(b"abc")
+        assert (await ws.receive_bytes()) == b"cba"
+        await ws.send_str("whoami")
+        assert (await ws.receive_str()) == "o-ws"
+    assert seen.last.method == "WS"
+    assert [v for k, v in seen.last.headers if k.lower() == "x-openid"] == ["o-ws"]
+
+
+async def test_websocket_needs_a_token(
+    gw: Running, http: aiohttp.ClientSession, seen: Recorder
+) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(gw.url + "/api/ws")
+    assert info.value.status == 401
+    assert seen.seen == []
 
 
 # == item 2: revocation, expiry, idleness ==================================================
@@ -296,7 +342,8 @@ async def test_websocket_closes_with_1008_when_its_token_expires(
         assert message.type is aiohttp.WSMsgType.CLOSE, message
         assert message.data == aiohttp.WSCloseCode.POLICY_VIOLATION
     # ...and closed at exp (iat is a whole second: exp is at most 1 s early).
-    assert 2.0 <= closed_at - issued < 3.0 + 1.5
+    # Not long after either: the next reason to close would be idleness (5 min).
+    assert 2.0 <= closed_at - issued < 3.0 + 10.0
     await asyncio.wait_for(seen.ended.wait(), WAIT)
     assert seen.closes == [(1008, "token expired")]
 
@@ -310,26 +357,32 @@ async def test_an_idle_websocket_is_closed_and_pings_do_not_keep_it(
 ) -> None:
     server, seen = recorder
     raw = raw_config(tmp_path, url_of(server), url_of(wechat))
-    raw["server"]["websocket_idle_timeout"] = "1500ms"
+    # The gaps between messages (0.5 s) are far inside the timeout (3 s), so a
+    # busy machine stretching one does not end the socket early.
+    raw["server"]["websocket_idle_timeout"] = "3s"
     gw = await start_gateway(raw)
     async with http.ws_connect(gw.url + "/api/ws", headers=gw.auth()) as ws:
         # Messages keep it open well past the timeout...
         started = time.monotonic()
-        for n in range(6):
+        for n in range(9):
             await asyncio.sleep(0.5)
+            quiet = time.monotonic()  # the gateway's last activity is after this
             await ws.send_str(f"m{n}")
             assert await ws.receive_str(timeout=WAIT) == f"echo:m{n}"
-        quiet = time.monotonic()  # the last message
-        assert quiet - started > 2.5
+        assert quiet - started >= 4.0
         # ...pings do not.
         message = None
         while message is None or message.type is aiohttp.WSMsgType.PONG:
+            assert time.monotonic() - quiet < WAIT, "pings kept an idle socket open"
             await ws.ping()
             with contextlib.suppress(TimeoutError):
                 message = await ws.receive(timeout=0.3)
+        closed = time.monotonic() - quiet
         assert message.type is aiohttp.WSMsgType.CLOSE, message
         assert message.data == aiohttp.WSCloseCode.GOING_AWAY
-        assert 1.3 < time.monotonic() - quiet < 1.5 + 3.0
+        # Not before the timeout (a busy machine only makes it later); the bound
+        # above (WAIT) is what tells idleness from the pings keeping it.
+        assert closed >= 2.9, f"closed {closed:.2f} s after the last message"
     await asyncio.wait_for(seen.ended.wait(), WAIT)
     assert seen.closes == [(1001, "idle")]
 
@@ -337,17 +390,12 @@ async def test_an_idle_websocket_is_closed_and_pings_do_not_keep_it(
 async def test_logout_closes_websockets_on_every_worker_within_a_second(
     tmp_path: Path, upstream: TestServer, wechat: TestServer
 ) -> None:
-    raw = base_config(tmp_path, url_of(upstream), url_of(wechat))
-    raw["server"]["port"] = port = free_port()
-    path = write_config(tmp_path / "two.yaml", raw)
-    proc = GatewayProcess(["run", "-c", str(path), "--workers", "2"])
-    url = f"http://127.0.0.1:{port}"
+    proc = await spawn(
+        tmp_path, base_config(tmp_path, url_of(upstream), url_of(wechat)), "--workers", "2"
+    )
+    url = proc.url
     try:
-        await asyncio.to_thread(wait_healthy, url, proc.proc)
-        deadline = time.monotonic() + 20
-        while len(children(proc.pid)) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert len(children(proc.pid)) == 2
+        await wait_workers(proc, 2)
         async with aiohttp.ClientSession() as http:
             async with http.post(url + "/auth/login", json={"code": "ws-two-workers"}) as resp:
                 auth = {"Authorization": f"Bearer {(await resp.json())['token']}"}
@@ -402,11 +450,13 @@ async def test_clients_that_flood_a_non_reading_upstream_then_abort_release_it(
     token = gw.token()
     await asyncio.gather(*(_flood_then_abort(gw.listener.port, token, 12) for _ in range(3)))
     assert silent.upgraded == 3
-    aborted = time.monotonic()
     # Noticed within two probes (2 s apart), then a close bounded by 5 s.
-    while silent.held() and time.monotonic() - aborted < 25.0:
-        await asyncio.sleep(0.1)
-    assert silent.held() == 0, "the gateway still holds upstream sockets of departed clients"
+    await until(
+        lambda: silent.held() == 0,
+        "the gateway letting go of the upstream sockets of departed clients",
+        timeout=30.0,
+        every=0.1,
+    )
     assert len(gw.listener.gateway.websockets) == 0
 
 
@@ -414,11 +464,10 @@ async def test_relay_memory_is_bounded_toward_a_non_reading_upstream(
     tmp_path: Path, silent: SilentUpstream, wechat: TestServer
 ) -> None:
     raw = raw_config(tmp_path, f"http://127.0.0.1:{silent.port}", url_of(wechat))
-    raw["server"]["port"] = port = free_port()
     raw["server"]["max_body"] = "64MiB"
-    proc = GatewayProcess(["run", "-c", str(write_config(tmp_path / "gw.yaml", raw))])
+    proc = await spawn(tmp_path, raw)
+    port = raw["server"]["port"]
     try:
-        await asyncio.to_thread(wait_healthy, f"http://127.0.0.1:{port}", proc.proc)
         token = _token(raw)
         before = rss_kib(proc.pid)
         await asyncio.gather(*(_flood_then_abort(port, token, 12) for _ in range(3)))
@@ -446,13 +495,12 @@ async def test_sigterm_closes_open_websockets_with_1001_within_the_grace(
             "websocket": True,
         }
     )
-    raw["server"].update(port=(port := free_port()), shutdown_grace="3s", max_body="64MiB")
-    proc = GatewayProcess(["run", "-c", str(write_config(tmp_path / "gw.yaml", raw))])
-    url = f"http://127.0.0.1:{port}"
+    raw["server"].update(shutdown_grace="3s", max_body="64MiB")
+    proc = await spawn(tmp_path, raw)
+    url, port = proc.url, raw["server"]["port"]
     token = _token(raw)
     writers = []
     try:
-        await asyncio.to_thread(wait_healthy, url, proc.proc)
         async with aiohttp.ClientSession() as http:
             talking = [
                 await http.ws_connect(url + "/api/ws", headers={"Authorization": f"Bearer {token}"})
@@ -513,11 +561,10 @@ async def test_frames_over_the_message_limit_are_refused_and_memory_stays_bounde
 ) -> None:
     # The defaults: max_body 10 MiB, websocket_max_message 1 MiB.
     raw = raw_config(tmp_path, url_of(upstream), url_of(wechat))
-    raw["server"]["port"] = port = free_port()
-    proc = GatewayProcess(["run", "-c", str(write_config(tmp_path / "gw.yaml", raw))])
+    proc = await spawn(tmp_path, raw)
+    port = raw["server"]["port"]
     writers: list[asyncio.StreamWriter] = []
     try:
-        await asyncio.to_thread(wait_healthy, f"http://127.0.0.1:{port}", proc.proc)
         token = _token(raw)
         before = rss_kib(proc.pid)
         # Twenty 8 MiB frames, all but their last byte sent: refused from their
@@ -538,11 +585,11 @@ async def test_an_incomplete_message_does_not_hold_a_socket_past_the_idle_timeou
     tmp_path: Path, upstream: TestServer, wechat: TestServer
 ) -> None:
     raw = raw_config(tmp_path, url_of(upstream), url_of(wechat))
-    raw["server"].update(port=(port := free_port()), websocket_idle_timeout="2s")
-    proc = GatewayProcess(["run", "-c", str(write_config(tmp_path / "gw.yaml", raw))])
+    raw["server"]["websocket_idle_timeout"] = "2s"
+    proc = await spawn(tmp_path, raw)
+    port = raw["server"]["port"]
     writers: list[asyncio.StreamWriter] = []
     try:
-        await asyncio.to_thread(wait_healthy, f"http://127.0.0.1:{port}", proc.proc)
         token = _token(raw)
         before = rss_kib(proc.pid)
         # Frames under the limit, left one byte short: a message still arriving

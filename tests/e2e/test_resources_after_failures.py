@@ -17,22 +17,22 @@ import contextlib
 import json
 import os
 import random
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import base_config, free_port
-from tests.support.procs import ROOT, children, rss_kib, wait_healthy, write_config
+from tests.support.gateway import base_config, free_port, url_of
+from tests.support.procs import GatewayProcess, children, rss_kib, write_config
+from tests.support.rawhttp import Response, parse_responses, read_to_close
+from tests.support.rawupstream import RawUpstream
+from tests.support.waiting import PROMPT, until
 
 CONCURRENCY = 32
 FD_SLACK = 5
@@ -76,71 +76,38 @@ MALFORMED = [
 # -- upstreams that fail -------------------------------------------------------------------
 
 
-@dataclass
-class FaultServer:
-    """A raw TCP server on loopback that reads a request head, then misbehaves."""
-
-    behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-    server: asyncio.Server | None = None
-    open_connections: int = 0
-    writers: set[asyncio.StreamWriter] = field(default_factory=set)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.open_connections += 1
-        self.writers.add(writer)
-        try:
-            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-                await reader.readuntil(b"\r\n\r\n")
-                await self.behaviour(reader, writer)
-        finally:
-            self.writers.discard(writer)
-            self.open_connections -= 1
-            writer.close()
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in list(self.writers):
-            writer.transport.abort()
-        await self.server.wait_closed()
-
-
-async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def reset(_: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()  # linger 0: the close is a RST
 
 
-async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def garbage(
+    _: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await reader.readuntil(b"\r\n\r\n")
     writer.write(b"\x00\x17garbage, not HTTP at all\r\n\r\n\xff\xfe")
     with contextlib.suppress(ConnectionError):
         await writer.drain()
 
 
-async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def hang(_: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     # Never answer; hold the connection until the gateway closes its end.
+    await reader.readuntil(b"\r\n\r\n")
     while await reader.read(65536):
         pass
 
 
 @contextlib.asynccontextmanager
-async def fault_servers() -> AsyncIterator[dict[str, tuple[FaultServer, str]]]:
-    servers = {
-        "reset": FaultServer(reset),
-        "garbage": FaultServer(garbage),
-        "hang": FaultServer(hang),
-    }
-    started = {}
+async def fault_servers() -> AsyncIterator[dict[str, RawUpstream]]:
+    started: dict[str, RawUpstream] = {}
     try:
-        for name, server in servers.items():
-            started[name] = (server, await server.start())
+        for name, behaviour in (("reset", reset), ("garbage", garbage), ("hang", hang)):
+            started[name] = await RawUpstream(behaviour).start()
         yield started
     finally:
-        for server, _ in started.values():
+        for server in started.values():
             await server.close()
 
 
@@ -151,7 +118,7 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def settled_fds(pid: int, at_most: int | None = None, timeout: float = 3.0) -> int:
+async def settled_fds(pid: int, at_most: int | None = None, timeout: float = PROMPT) -> int:
     """The fd count once it stops moving (or is down to ``at_most``), within ``timeout``."""
     deadline = time.monotonic() + timeout
     last = fds(pid)
@@ -189,28 +156,14 @@ class Tally:
 
 
 async def raw_malformed(port: int, payload: bytes) -> tuple[int, str, bytes]:
-    """Send ``payload`` on a fresh connection; the answer, read until the gateway closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(payload)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1]) if lines[0].startswith("HTTP/1.1 ") else 0
-    content_type = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in lines[1:]
-            if line.lower().startswith("content-type:")
-        ),
-        "",
-    )
-    return status, content_type, body
+    """Send ``payload`` on a fresh connection; the answer, read until the gateway
+    closes (status 0 for anything that is not an HTTP answer: tallied as wrong)."""
+    data = await read_to_close(port, payload)
+    if not data.startswith(b"HTTP/1.1 "):
+        return 0, "", data
+    answers, _ = parse_responses(data, closed=True)
+    first = answers[0] if answers else Response(0, [], data)
+    return first.status, first.header("Content-Type") or "", first.body
 
 
 async def send_all(url: str, port: int, plan: dict[str, int], seed: int) -> Tally:
@@ -253,7 +206,7 @@ async def test_fds_and_rss_return_after_10000_failing_requests(
 ) -> None:
     async with fault_servers() as faults:
         port = free_port()
-        raw = base_config(tmp_path, "http://127.0.0.1:9", str(wechat.make_url("")).rstrip("/"))
+        raw = base_config(tmp_path, "http://127.0.0.1:9", url_of(wechat))
         raw["server"]["port"] = port
         raw["routes"] = [
             {
@@ -261,11 +214,11 @@ async def test_fds_and_rss_return_after_10000_failing_requests(
                 "upstream": f"http://127.0.0.1:{free_port()}",
                 "auth": "public",
             },
-            {"prefix": "/reset/", "upstream": faults["reset"][1], "auth": "public"},
-            {"prefix": "/garbage/", "upstream": faults["garbage"][1], "auth": "public"},
+            {"prefix": "/reset/", "upstream": faults["reset"].url, "auth": "public"},
+            {"prefix": "/garbage/", "upstream": faults["garbage"].url, "auth": "public"},
             {
                 "prefix": "/hang/",
-                "upstream": faults["hang"][1],
+                "upstream": faults["hang"].url,
                 "auth": "public",
                 "timeout": "50ms",
             },
@@ -276,19 +229,12 @@ async def test_fds_and_rss_return_after_10000_failing_requests(
             },
         ]
         config = write_config(tmp_path / "gw.yaml", raw)
-        # Output to files, as in production (a log collector reads them): a pipe
-        # nobody reads would stall the access log and distort what is measured.
-        out = (tmp_path / "stdout.log").open("wb")
-        err = (tmp_path / "stderr.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "-c", str(config)],
-            cwd=ROOT,
-            stdout=out,
-            stderr=err,
-        )
-        url = f"http://127.0.0.1:{port}"
+        # Its output goes to files, as in production (a log collector reads them):
+        # a pipe nobody reads would stall the access log and distort the measure.
+        proc = GatewayProcess(["run", "-c", str(config)], port=port)
+        url = proc.url
         try:
-            await asyncio.to_thread(wait_healthy, url, proc)
+            await proc.healthy()
             pid = proc.pid
             assert children(pid) == [], "a single worker runs in the process itself"
             fds_fresh = fds(pid)
@@ -305,19 +251,16 @@ async def test_fds_and_rss_return_after_10000_failing_requests(
             elapsed = time.monotonic() - started
             fds_end = await settled_fds(pid, at_most=fds_start + FD_SLACK)
             rss_end = rss_kib(pid)
-            hanging = faults["hang"][0].open_connections
-            assert proc.poll() is None, "the gateway died under the load"
+            # The gateway closes its end of every exchange it gave up on; the hang
+            # server sees each close once it gets to read it.
+            hang = faults["hang"]
+            with contextlib.suppress(AssertionError):
+                await until(lambda: hang.open <= FD_SLACK, "hanging upstream connections closed")
+            hanging = hang.open
+            assert proc.proc.poll() is None, "the gateway died under the load"
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                code = await asyncio.to_thread(proc.wait, 20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-            out.close()
-            err.close()
-    stderr = (tmp_path / "stderr.log").read_text(errors="replace")
+            code = await asyncio.to_thread(proc.stop)
+    stderr = proc.stderr
     sent = sum(tally.answers.values()) + len(tally.wrong)
     print(
         f"\nwarm-up: {sum(WARM_UP.values())} requests in {warm_elapsed:.1f} s; measured: {sent} "
