@@ -4,8 +4,8 @@
  * and a small recording upstream in this process (multipart + WebSocket), and
  * stops them afterwards.
  *
- * GATEWAY_PYTHON picks the interpreter; default ../../.venv/bin/python when it
- * exists, else python3.
+ * GATEWAY_PYTHON picks the interpreter; default ../../.venv/bin/python, which
+ * `npm test` makes first (scripts/gateway-python.mjs, the `pretest` script).
  */
 import { ChildProcess, spawn } from "node:child_process";
 import * as crypto from "node:crypto";
@@ -25,7 +25,12 @@ const TOKEN_SECRET = "client-test-token-secret-0123456789abcdef-0123456789";
 export function pythonExecutable(): string {
   if (process.env.GATEWAY_PYTHON) return process.env.GATEWAY_PYTHON;
   const venv = path.join(REPO_ROOT, ".venv", "bin", "python");
-  return fs.existsSync(venv) ? venv : "python3";
+  // No fallback to a python3 on PATH: without the gateway's dependencies it would
+  // only cancel every test with "No module named 'aiohttp'".
+  if (!fs.existsSync(venv)) {
+    throw new Error(`no ${venv}: run \`npm test\` (its pretest makes it) or set GATEWAY_PYTHON`);
+  }
+  return venv;
 }
 
 export function freePort(): Promise<number> {
