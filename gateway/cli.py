@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from gateway import __version__
 from gateway.observability import logs  # stdlib logging only: cheap before SIGHUP is held
 
 # Nothing heavy is imported at module level: ``gateway run`` holds SIGHUP back
@@ -21,6 +22,7 @@ DEV_TOKEN_SECRET_MARK = "dev-only"  # noqa: S105 - a marker, not a secret
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="WeChat mini-program auth gateway")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve")
     run.add_argument(
@@ -69,11 +71,32 @@ def _describe(config: Config) -> str:
 
 
 def _warn_insecure(config: Config) -> None:
+    """Once per ``gateway run``: in the supervisor, or the one process, not per worker."""
     log = logging.getLogger("gateway")
     if DEV_TOKEN_SECRET_MARK in config.token.secret.reveal():
         log.warning(
             "token.secret is the development default: anyone can mint tokens. "
             "Set GATEWAY_TOKEN_SECRET before exposing this gateway."
+        )
+    _warn_exposed_storage(config, log)
+
+
+def _warn_exposed_storage(config: Config, log: logging.Logger) -> None:
+    # Only warned, not changed: the file is the operator's, and may be shared
+    # on purpose (a backup group). A file the gateway creates is 0600.
+    from gateway.storage.files import exposed
+    from gateway.storage.sqlite import MEMORY, sqlite_path_from_url
+
+    try:
+        path = sqlite_path_from_url(config.storage.url)
+    except ValueError:
+        return  # opening the store reports it, with the fix
+    loose = [] if path == MEMORY else exposed(path)
+    if loose:
+        log.warning(
+            "storage: %s is open to group or others, and it holds session keys: "
+            "chmod 600 the files and 700 their directory",
+            ", ".join(loose),
         )
 
 
@@ -110,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if config is None:
             return 2
         logs.set_level(config.log.level)  # the gateway's loggers; libraries stay >= INFO
+        logs.set_format(config.log.format)  # here, so supervisor and workers alike
         from gateway.runtime import supervisor, worker
 
         workers = args.workers or config.server.workers

@@ -26,5 +26,8 @@ async def _echo(request: web.BaseRequest) -> web.StreamResponse:
 def run(host: str = "127.0.0.1", port: int = 9000) -> None:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", _echo)
-    print(f"demo upstream echoing requests on http://{host}:{port}", flush=True)
-    web.run_app(app, host=host, port=port, print=None)
+    print(f"demo-upstream: echoing requests on http://{host}:{port}", flush=True)
+    # No access log: ./scripts/demo shares one terminal with the gateway, whose
+    # JSON access log already records each request; aiohttp's plain lines in
+    # between made that log unreadable. The answer itself shows what arrived.
+    web.run_app(app, host=host, port=port, print=None, access_log=None)

@@ -1,4 +1,11 @@
-"""Configuration: the frozen model, its units, and the strict loader."""
+"""Configuration: the frozen model, its units, the strict loader, and the one
+list of the paths the gateway serves itself (``reserved``).
+
+The loader reports every problem of a file in one run, each prefixed with its
+key path. May import: the standard library, PyYAML, and
+:mod:`gateway.proxy.paths` (a leaf module: a route prefix must be a path in
+the form the router compares). Nothing here runs per request.
+"""
 
 from gateway.config.loader import ConfigError, build_config, load_config
 from gateway.config.model import (

@@ -301,6 +301,7 @@ def _log(raw: Any, errors: list[str]) -> m.LogConfig:
     s = _Section(raw, "log", errors)
     cfg = m.LogConfig(
         level=s.get("level", _one_of("debug", "info", "warning", "error"), "info"),
+        format=s.get("format", _one_of("text", "json"), "text"),
         access=s.get("access", _bool, True),
         openid=s.get("openid", _one_of("hash", "clear", "omit"), "hash"),
     )
@@ -327,6 +328,10 @@ def _route_prefix(value: Any) -> str:
         raise ValueError(f"{text!r}: {exc}") from None
     if "?" in text or "#" in text or "%" in text or canonical != text:
         raise ValueError(f"{text!r} is not a normalised path (did you mean {canonical!r}?)")
+    # Checked here, with the prefix, not after the whole file: a route's every
+    # problem is reported in the same run as its neighbours' (issue 14).
+    if shadows_reserved(text):
+        raise ValueError(f"{text!r} is served by the gateway itself")
     return text
 
 
@@ -441,18 +446,30 @@ def _routes(raw: Any, default_max_body: int, errors: list[str]) -> tuple[m.Route
 
 
 def _cross_checks(cfg: m.Config, errors: list[str]) -> None:
-    """Rules that involve more than one key."""
+    """Rules that involve more than one key.
+
+    Run whatever else is wrong, so one run reports everything; a rule is
+    skipped only when one of its keys is already reported, since that key then
+    holds its default, not what the file says.
+    """
+    token_ok = not _reported(errors, "token.header")
     reserved = {"connection", "host", "content-length", "transfer-encoding", "upgrade", "cookie"}
-    if cfg.token.header.lower() in reserved:
+    if token_ok and cfg.token.header.lower() in reserved:
         errors.append(f"token.header: {cfg.token.header!r} cannot carry the token")
+    if _reported(errors, "identity.openid_header") or _reported(errors, "identity.unionid_header"):
+        return
     identity = {cfg.identity.openid_header.lower(), cfg.identity.unionid_header.lower()}
     if len(identity) == 1:
         errors.append("identity.unionid_header: must differ from identity.openid_header")
-    if cfg.token.header.lower().replace("_", "-") in {h.replace("_", "-") for h in identity}:
+    if token_ok and cfg.token.header.lower().replace("_", "-") in {
+        h.replace("_", "-") for h in identity
+    }:
         errors.append("token.header: must differ from the identity headers")
-    for i, route in enumerate(cfg.routes):
-        if shadows_reserved(route.prefix or ""):
-            errors.append(f"routes[{i}].prefix: {route.prefix!r} is served by the gateway itself")
+
+
+def _reported(errors: list[str], key: str) -> bool:
+    """Whether a problem of ``key`` (or of one of its items) is already listed."""
+    return any(e.startswith((f"{key}:", f"{key}[")) for e in errors)
 
 
 def build_config(raw: Any, env: Mapping[str, str] | None = None) -> m.Config:
@@ -486,8 +503,7 @@ def build_config(raw: Any, env: Mapping[str, str] | None = None) -> m.Config:
     routes = top.get("routes", lambda v: _routes(v, server.max_body, errors), no_routes)
     top.finish()
     cfg = m.Config(server, wechat, token, storage, identity, limits, routes, log)
-    if not errors:
-        _cross_checks(cfg, errors)
+    _cross_checks(cfg, errors)
     if errors:
         raise ConfigError(errors)
     return cfg

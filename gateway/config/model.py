@@ -16,6 +16,9 @@ from gateway.config.units import Rate
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 AuthPolicy = Literal["required", "optional", "public"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+# The application log's lines: text for a terminal, JSON for a log shipper
+# (the access log is JSON either way).
+LogFormat = Literal["text", "json"]
 # How the caller's openid appears in the access log: a keyed hash (default),
 # in clear, or not at all.
 OpenIdInLog = Literal["hash", "clear", "omit"]
@@ -147,6 +150,7 @@ class RateLimitsConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: LogLevel = "info"
+    format: LogFormat = "text"
     access: bool = True
     openid: OpenIdInLog = "hash"
 

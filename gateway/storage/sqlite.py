@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from gateway.storage import files
 from gateway.storage.base import AccessToken, Storage, StorageError, UserRecord
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "sqlite_path_from_url"]
@@ -125,7 +126,7 @@ class SQLiteStorage(Storage):
             raise StorageError(f"SQLite {sqlite3.sqlite_version} is too old; 3.35+ is needed")
         try:
             if self.path != MEMORY:
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                files.prepare(self.path)  # 0700 directories, a 0600 file: it holds session keys
             # isolation_level=None: we write BEGIN/COMMIT ourselves, so the sqlite3
             # module never opens a transaction behind our back.
             pending = aiosqlite.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
