@@ -36,10 +36,27 @@ def _parser() -> argparse.ArgumentParser:
     fake = commands.add_parser("fake-wechat", help="run a fake WeChat API server (development aid)")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8081)
+    fake.add_argument(
+        "--app",
+        action="append",
+        type=_fake_app,
+        metavar="APPID[:SECRET]",
+        help="serve this mini program, checking its secret if given; repeat for more apps"
+        " (default: any appid and secret)",
+    )
     demo = commands.add_parser("demo-upstream", help="run an upstream that echoes what it receives")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9000)
     return parser
+
+
+def _fake_app(value: str) -> tuple[str, str | None]:
+    """``APPID[:SECRET]`` of ``fake-wechat --app``: an appid has no colon, a secret may."""
+    appid, colon, secret = value.partition(":")
+    if not appid or (colon and not secret):
+        # Not echoed: the value may hold a secret.
+        raise argparse.ArgumentTypeError("expected APPID or APPID:SECRET, neither part empty")
+    return appid, secret or None
 
 
 def _load(path: str) -> Config | None:
@@ -152,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fake-wechat":
         from gateway.wechat import fake
 
-        fake.run(args.host, args.port)
+        fake.run(args.host, args.port, apps=dict(args.app) if args.app else None)
         return 0
     if args.command == "demo-upstream":
         from gateway import demo

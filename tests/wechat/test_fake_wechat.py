@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient
 
+from gateway.cli import main
 from gateway.wechat.fake import (
     DEMO_PHONE,
-    FAKE_APPID,
     FAKE_STATE,
     create_app,
     openid_for,
@@ -70,9 +70,13 @@ async def stable_token(client: Client, **fields: Any) -> dict[str, Any]:
     return dict(await resp.json())
 
 
-async def phone(client: Client, code: str, token: str | None = None) -> dict[str, Any]:
+async def phone(
+    client: Client, code: str, token: str | None = None, **credentials: str
+) -> dict[str, Any]:
+    """Ask for a phone number with ``token``, or with a fresh stable token of the
+    app ``credentials`` (``appid``, ``secret``) name, by default APPID's."""
     if token is None:
-        token = (await stable_token(client))["access_token"]
+        token = (await stable_token(client, **credentials))["access_token"]
     resp = await client.post(
         "/wxa/business/getuserphonenumber", params={"access_token": token}, json={"code": code}
     )
@@ -271,7 +275,8 @@ async def test_phone_number_with_string_country_code(client: Client) -> None:
     assert info["purePhoneNumber"] == "13912345678"
     assert info["phoneNumber"] == "13912345678"
     assert info["countryCode"] == "86"
-    assert info["watermark"]["appid"] == FAKE_APPID
+    # An open fake stamps the app the token was issued to, as WeChat does.
+    assert info["watermark"]["appid"] == APPID
     assert before <= info["watermark"]["timestamp"] <= int(time.time())
 
 
@@ -381,6 +386,167 @@ async def test_shutdown_releases_slow_requests() -> None:
         await client.close()
 
 
+# --- several apps (contract section 9) ---------------------------------------------
+
+SHOP, SHOP_SECRET = "wxshop00000000001", "shop-secret-value"
+CARD, CARD_SECRET = "wxcard00000000002", "card-secret-value"
+SHOP_APP, CARD_APP = {"appid": SHOP, "secret": SHOP_SECRET}, {"appid": CARD, "secret": CARD_SECRET}
+
+
+@pytest.fixture
+async def two_apps(aiohttp_client: AiohttpClient, clock: FakeClock) -> Client:
+    apps = {SHOP: SHOP_SECRET, CARD: CARD_SECRET}
+    return await aiohttp_client(create_app(apps=apps, slow_seconds=0.5, clock=clock))
+
+
+async def plain_token(client: Client, app: dict[str, str]) -> dict[str, Any]:
+    params = {"grant_type": "client_credential", **app}
+    return dict(await (await client.get("/cgi-bin/token", params=params)).json())
+
+
+async def test_each_app_checks_its_own_secret(two_apps: Client) -> None:
+    for app in (SHOP_APP, CARD_APP):
+        assert "openid" in await login(two_apps, "x", **app)
+        assert "access_token" in await stable_token(two_apps, **app)
+        assert "access_token" in await plain_token(two_apps, app)
+    # One app's secret does not open another app.
+    swapped = await login(two_apps, "x", appid=SHOP, secret=CARD_SECRET)
+    assert swapped["errcode"] == 40125
+    assert CARD_SECRET not in swapped["errmsg"]
+    assert (await stable_token(two_apps, appid=CARD, secret=SHOP_SECRET))["errcode"] == 40125
+    assert (await plain_token(two_apps, {"appid": CARD, "secret": SHOP_SECRET}))["errcode"] == 40125
+    assert (await login(two_apps, "x", appid="wxnotserved", secret=SHOP_SECRET))["errcode"] == 40013
+
+
+async def test_one_person_has_an_openid_per_app_and_one_unionid(two_apps: Client) -> None:
+    shop, card = [await login(two_apps, "union-alice", **app) for app in (SHOP_APP, CARD_APP)]
+    assert shop["openid"] != card["openid"]
+    assert shop["session_key"] != card["session_key"]
+    assert shop["unionid"] == card["unionid"] == unionid_for("union-alice")
+    # The first app keeps the values of a one-app fake; the others are named.
+    assert shop["openid"] == openid_for("union-alice")
+    assert shop["session_key"] == session_key_for("union-alice")
+    assert card["openid"] == openid_for("union-alice", CARD)
+    assert card["session_key"] == session_key_for("union-alice", CARD)
+    state = two_apps.server.app[FAKE_STATE]
+    assert state.openid_for("union-alice", SHOP) == shop["openid"]
+    assert state.session_key_for("union-alice", CARD) == card["session_key"]
+    # Another person: other openids in both apps, and no unionid without "union".
+    bob = [await login(two_apps, "bob", **app) for app in (SHOP_APP, CARD_APP)]
+    assert {b["openid"] for b in bob}.isdisjoint({shop["openid"], card["openid"]})
+    assert all("unionid" not in b for b in bob)
+
+
+async def test_the_first_configured_app_is_the_primary_one(aiohttp_client: AiohttpClient) -> None:
+    client = await aiohttp_client(create_app(apps={CARD: CARD_SECRET, SHOP: SHOP_SECRET}))
+    assert (await login(client, "c", **CARD_APP))["openid"] == openid_for("c")
+    assert (await login(client, "c", **SHOP_APP))["openid"] == openid_for("c", SHOP)
+    assert openid_for("c", SHOP) != openid_for("c")
+
+
+async def test_a_code_belongs_to_the_app_it_names(two_apps: Client) -> None:
+    # "@<appid>" binds a code to an app; the person is the text before it.
+    refused = await login(two_apps, "union-carol@" + CARD, **SHOP_APP)
+    assert refused["errcode"] == 40029
+    bound = await login(two_apps, "union-carol@" + CARD, **CARD_APP)
+    assert bound == await login(two_apps, "union-carol", **CARD_APP)
+    assert bound["unionid"] == (await login(two_apps, "union-carol@" + SHOP, **SHOP_APP))["unionid"]
+    # Codes are counted where they were sent, and each app's are its own.
+    seen = await stats(two_apps)
+    assert seen["apps"][SHOP]["js_codes"] == ["union-carol@" + CARD, "union-carol@" + SHOP]
+    assert seen["apps"][CARD]["js_codes"] == ["union-carol@" + CARD, "union-carol"]
+    assert seen["apps"][SHOP]["calls"]["jscode2session"] == 2
+    assert seen["calls"]["jscode2session"] == 4
+
+
+async def test_access_tokens_are_per_app(two_apps: Client) -> None:
+    shop = (await stable_token(two_apps, **SHOP_APP))["access_token"]
+    card = (await stable_token(two_apps, **CARD_APP))["access_token"]
+    assert shop != card
+    # Each token answers for its own app: the watermark names it.
+    for token, appid in ((shop, SHOP), (card, CARD)):
+        info = (await phone(two_apps, "p", token))["phone_info"]
+        assert info["watermark"]["appid"] == appid
+    # A phone code of the card app cannot be used with the shop's token.
+    assert (await phone(two_apps, "phone-13900000001@" + CARD, shop))["errcode"] == 40001
+    answer = await phone(two_apps, "phone-13900000001@" + CARD, card)
+    assert answer["phone_info"]["purePhoneNumber"] == "13900000001"
+    # A forced refresh, or the replacement of a cgi-bin/token, touches one app only.
+    fresh_card = (await stable_token(two_apps, force_refresh=True, **CARD_APP))["access_token"]
+    assert (await phone(two_apps, "p", card))["errcode"] == 40001
+    assert (await phone(two_apps, "p", shop))["errcode"] == 0
+    assert (await stable_token(two_apps, **SHOP_APP))["access_token"] == shop
+    assert (await stable_token(two_apps, **CARD_APP))["access_token"] == fresh_card
+
+
+async def test_a_plain_token_replaced_in_one_app_lives_on_in_the_other(
+    two_apps: Client, clock: FakeClock
+) -> None:
+    card_only = (await plain_token(two_apps, CARD_APP))["access_token"]
+    shop_first = (await plain_token(two_apps, SHOP_APP))["access_token"]
+    await plain_token(two_apps, SHOP_APP)  # replaces shop_first, not card_only
+    clock.now += 301
+    assert (await phone(two_apps, "p", shop_first))["errcode"] == 40001
+    assert (await phone(two_apps, "p", card_only))["errcode"] == 0
+
+
+async def test_invalidating_one_apps_tokens(two_apps: Client) -> None:
+    shop = (await stable_token(two_apps, **SHOP_APP))["access_token"]
+    card = (await stable_token(two_apps, **CARD_APP))["access_token"]
+    resp = await two_apps.post("/_fake/invalidate_tokens", params={"appid": CARD})
+    assert await resp.json() == {"ok": True, "invalidated": 1}
+    assert (await phone(two_apps, "p", card))["errcode"] == 40001
+    assert (await phone(two_apps, "p", shop))["errcode"] == 0
+    assert (await stable_token(two_apps, **CARD_APP))["access_token"] != card
+
+
+@pytest.mark.parametrize("app", [SHOP_APP, CARD_APP], ids=["shop", "card"])
+@pytest.mark.parametrize(
+    ("code", "errcode"),
+    [("invalid-1", 40029), ("used-1", 40163), ("blocked", 40226), ("errcode-40014", 40014)],
+)
+async def test_magic_codes_work_in_every_app(
+    two_apps: Client, app: dict[str, str], code: str, errcode: int
+) -> None:
+    assert (await login(two_apps, code, **app))["errcode"] == errcode
+    assert (await phone(two_apps, code, **app))["errcode"] == errcode
+    # The same app still logs other codes in: a magic code breaks only its own call.
+    assert "openid" in await login(two_apps, "fine", **app)
+
+
+@pytest.mark.parametrize("app", [SHOP_APP, CARD_APP], ids=["shop", "card"])
+async def test_phone_and_slow_codes_work_in_every_app(
+    two_apps: Client, app: dict[str, str]
+) -> None:
+    info = (await phone(two_apps, "phone-intcc-13700000009", **app))["phone_info"]
+    assert (info["purePhoneNumber"], info["countryCode"]) == ("13700000009", 86)
+    assert info["watermark"]["appid"] == app["appid"]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(login(two_apps, "slow-1", **app), 0.2)
+    answer = await login(two_apps, "slow-2", **app)
+    assert answer["openid"] == two_apps.server.app[FAKE_STATE].openid_for("slow-2", app["appid"])
+
+
+async def test_an_open_fake_serves_every_appid_it_meets(client: Client) -> None:
+    # With no app configured, the first appid met keeps the one-app values.
+    first = await login(client, "dave", appid="wxfirst", secret="any")
+    second = await login(client, "dave", appid="wxsecond", secret="other")
+    assert first["openid"] == openid_for("dave")
+    assert second["openid"] == openid_for("dave", "wxsecond")
+    # A reset forgets tokens and counters, not who is who.
+    await client.post("/_fake/reset")
+    assert (await login(client, "dave", appid="wxsecond", secret="x")) == second
+    assert (await login(client, "dave", appid="wxfirst", secret="y")) == first
+    assert set((await stats(client))["apps"]) == {"wxfirst", "wxsecond"}
+
+
+def test_create_app_takes_one_form_of_apps() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        create_app(appid=SHOP, secret=SHOP_SECRET, apps={CARD: CARD_SECRET})
+    with pytest.raises(ValueError, match="appid"):
+        create_app(secret=SHOP_SECRET)
+
+
 # --- run() as a real process --------------------------------------------------------
 
 
@@ -423,3 +589,41 @@ def test_run_serves_real_tcp_and_warns_loudly() -> None:
     # The access log names the path but never the query that carries the secret.
     assert "GET /sns/jscode2session 200" in output
     assert SECRET not in output
+
+
+def test_the_command_serves_several_apps_and_logs_no_secret() -> None:
+    port = free_port()
+    argv = ["fake-wechat", "--port", str(port)]
+    argv += ["--app", f"{SHOP}:{SHOP_SECRET}", "--app", f"{CARD}:{CARD_SECRET}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "gateway", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}/sns/jscode2session?grant_type=authorization_code&js_code=cli"
+    try:
+        deadline = time.monotonic() + PROMPT
+        shop = _get_json(f"{base}&appid={SHOP}&secret={SHOP_SECRET}", deadline)
+        card = _get_json(f"{base}&appid={CARD}&secret={CARD_SECRET}", deadline)
+        swapped = _get_json(f"{base}&appid={CARD}&secret={SHOP_SECRET}", deadline)
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=20)
+    assert shop["openid"] == openid_for("cli")
+    assert card["openid"] == openid_for("cli", CARD)
+    assert swapped["errcode"] == 40125
+    assert f"appid check: {SHOP}, {CARD}" in output
+    assert SHOP_SECRET not in output
+    assert CARD_SECRET not in output
+
+
+@pytest.mark.parametrize("bad", ["", ":secret", "wxapp:"])
+def test_the_command_refuses_a_malformed_app(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["fake-wechat", "--app", bad])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "APPID:SECRET" in err
+    assert ":secret" not in err  # the value may hold a secret: never echoed
