@@ -105,7 +105,7 @@ class AuthEndpoints:
         services = self._services
         session = await services.wechat.code2session(code)
         user = await services.storage.upsert_login(
-            session.openid, session.unionid, session.session_key, services.clock()
+            services.appid, session.openid, session.unionid, session.session_key, services.clock()
         )
         token, claims = services.tokens.issue(user.openid, user.unionid, services.clock())
         land(request, Identity(user.openid, user.unionid, claims.session_id, claims.expires_at))
@@ -127,7 +127,7 @@ class AuthEndpoints:
 
     async def me(self, request: Request) -> web.StreamResponse:
         who = self._identity.require(request)
-        user = await self._services.storage.get_user(who.openid)
+        user = await self._services.storage.get_user(self._services.appid, who.openid)
         return web.json_response(
             {
                 "openid": who.openid,
@@ -203,7 +203,7 @@ class AuthEndpoints:
     async def _decrypt(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         encrypted = string_field(body, "encrypted_data", MAX_ENCRYPTED_LENGTH)
         iv = string_field(body, "iv", 64)
-        user = await self._services.storage.get_user(who.openid)
+        user = await self._services.storage.get_user(self._services.appid, who.openid)
         if user is None or not user.session_key:
             raise SessionExpired()
         try:
@@ -218,5 +218,5 @@ class AuthEndpoints:
 
     async def _store_phone(self, who: Identity, info: PhoneInfo) -> None:
         await self._services.storage.set_phone(
-            who.openid, info.phone_number, self._services.clock()
+            self._services.appid, who.openid, info.phone_number, self._services.clock()
         )

@@ -29,8 +29,10 @@ FAKE_WARNING = (
 )
 
 
-def open_storage(url: str) -> Storage:
-    return SQLiteStorage(sqlite_path_from_url(url))
+def open_storage(url: str, default_appid: str) -> Storage:
+    """The store at ``url``. ``default_appid`` owns what a single-app release wrote
+    (users, access token), which the store cannot know by itself."""
+    return SQLiteStorage(sqlite_path_from_url(url), default_appid=default_appid)
 
 
 class Services:
@@ -41,7 +43,9 @@ class Services:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.tokens = TokenCodec(config.token)
-        self.storage = open_storage(config.storage.url)
+        # The default app: data and tokens from before apps existed belong to it.
+        self.appid = config.wechat.appid
+        self.storage = open_storage(config.storage.url, self.appid)
         # Revoked ids are kept locally a bit longer than any token can live.
         retain = 2 * (config.token.ttl + config.token.leeway) + 60
         self.sessions = Revocations(self.storage, clock, retain=retain)
@@ -50,6 +54,7 @@ class Services:
             self.wechat,
             self.storage,
             clock,
+            appid=self.appid,
             lease_ttl=config.wechat.timeout + 1.0,
             on_fetch=self._count_fetch,
         )

@@ -1,8 +1,9 @@
 """Persistent state behind one small interface.
 
 Owns: the :class:`Storage` ABC and its records (``base``), the SQLite store
-every worker of a host shares (``sqlite``), and that file's place on disk,
-private from its first byte (``files``).
+every worker of a host shares (``sqlite``), its schema and migrations
+(``schema``), and that file's place on disk, private from its first byte
+(``files``).
 
 May import: the standard library and aiosqlite; nothing else of the gateway,
 so any side can hold a store and a second backend needs only this package.

@@ -5,6 +5,13 @@ shared database later. Every backend runs the same conformance tests
 (``tests/storage/test_storage_conformance.py``), so the gateway never depends on one
 backend's quirks. Times are passed in (``now``, epoch seconds) rather than read
 from the clock here, so tests control time without patching.
+
+Keyed by app: one gateway serves several mini programs (contract section 9), so
+a user is one record per (appid, openid) (an openid is only unique inside its
+app) and the WeChat access token is one per appid. ``unionid`` is the one key
+that crosses apps: :meth:`Storage.users_by_unionid` finds a person's records in
+every app. Revocations are keyed by session id alone: a session id is random and
+belongs to one token, whatever its app.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ class StorageError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class UserRecord:
+    appid: str
     openid: str
     unionid: str | None
     # session_key is a WeChat secret: it never leaves the server, so it is kept
@@ -30,7 +38,8 @@ class UserRecord:
 
     def __repr__(self) -> str:
         return (
-            f"UserRecord(openid={self.openid!r}, unionid={self.unionid!r}, "
+            f"UserRecord(appid={self.appid!r}, openid={self.openid!r}, "
+            f"unionid={self.unionid!r}, "
             f"session_key=<hidden>, phone_number={self.phone_number!r}, "
             f"created_at={self.created_at!r}, last_login_at={self.last_login_at!r})"
         )
@@ -48,7 +57,8 @@ class AccessToken:
 
 
 class Storage(abc.ABC):
-    """Users, revoked sessions, the shared access token and cross-process leases."""
+    """Users per app, revoked sessions, each app's shared access token and
+    cross-process leases."""
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -65,17 +75,22 @@ class Storage(abc.ABC):
     # -- users -------------------------------------------------------------
     @abc.abstractmethod
     async def upsert_login(
-        self, openid: str, unionid: str | None, session_key: str, now: float
+        self, appid: str, openid: str, unionid: str | None, session_key: str, now: float
     ) -> UserRecord:
-        """Record a login: create the user or update session_key/last_login (and unionid
-        when one is given; a login without unionid keeps a known one). Durable (committed)
-        when it returns."""
+        """Record a login to app ``appid``: create the user or update session_key/last_login
+        (and unionid when one is given; a login without unionid keeps a known one).
+        Durable (committed) when it returns."""
 
     @abc.abstractmethod
-    async def get_user(self, openid: str) -> UserRecord | None: ...
+    async def get_user(self, appid: str, openid: str) -> UserRecord | None: ...
 
     @abc.abstractmethod
-    async def set_phone(self, openid: str, phone_number: str, now: float) -> None: ...
+    async def set_phone(self, appid: str, openid: str, phone_number: str, now: float) -> None:
+        """Store the number on the user, creating the record if it is gone."""
+
+    @abc.abstractmethod
+    async def users_by_unionid(self, unionid: str) -> list[UserRecord]:
+        """One person's records in every app, ordered by (appid, openid); [] if none."""
 
     # -- sessions ----------------------------------------------------------
     @abc.abstractmethod
@@ -92,16 +107,17 @@ class Storage(abc.ABC):
     async def purge_expired(self, now: float) -> int:
         """Drop revocations whose token has expired; returns how many."""
 
-    # -- WeChat access token (shared by all workers) -----------------------
+    # -- WeChat access tokens: one per app, shared by all workers ----------
     @abc.abstractmethod
-    async def get_access_token(self) -> AccessToken | None: ...
+    async def get_access_token(self, appid: str) -> AccessToken | None: ...
 
     @abc.abstractmethod
-    async def put_access_token(self, token: AccessToken) -> None: ...
+    async def put_access_token(self, appid: str, token: AccessToken) -> None: ...
 
     @abc.abstractmethod
-    async def clear_access_token(self, token: str) -> None:
-        """Forget the cached token if it is still ``token`` (a newer one is kept)."""
+    async def clear_access_token(self, appid: str, token: str) -> None:
+        """Forget app ``appid``'s cached token if it is still ``token`` (a newer one is
+        kept)."""
 
     # -- leases: one holder at a time across processes ---------------------
     @abc.abstractmethod

@@ -13,12 +13,15 @@ Why it is shaped this way:
   becomes StorageError; every sqlite error does. SQLite's messages name tables
   and columns, never bound values, and every value here is bound, so no session
   key or token can end up in a message.
+* The schema (``schema``) is brought up to date at open, in one ``BEGIN
+  IMMEDIATE`` transaction: all or nothing, and once however many workers start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -27,10 +30,13 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from gateway.storage import files
+from gateway.storage import files, schema
 from gateway.storage.base import AccessToken, Storage, StorageError, UserRecord
+from gateway.storage.schema import SCHEMA_VERSION
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "sqlite_path_from_url"]
+
+log = logging.getLogger("gateway.storage")
 
 T = TypeVar("T")
 Op = Callable[[aiosqlite.Connection], Awaitable[T]]
@@ -41,45 +47,24 @@ MEMORY = ":memory:"
 _URL_PREFIX = "sqlite:///"
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
-# Schema steps keyed by the version they produce. A later version appends a key;
-# a step never changes once released, since files in the field already ran it.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE users (
-            openid TEXT PRIMARY KEY, unionid TEXT, session_key TEXT, phone_number TEXT,
-            created_at REAL NOT NULL, last_login_at REAL NOT NULL)""",
-        # AUTOINCREMENT: ids are never reused, even after purging the newest rows,
-        # so a worker's cursor cannot hide a later revocation behind a recycled id.
-        """CREATE TABLE revocations (
-            id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL UNIQUE,
-            expires_at REAL NOT NULL, revoked_at REAL NOT NULL)""",
-        "CREATE INDEX revocations_expires_at ON revocations (expires_at)",
-        # One row at most: the token every worker shares.
-        """CREATE TABLE access_token (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            token TEXT NOT NULL, expires_at REAL NOT NULL)""",
-        """CREATE TABLE leases (
-            name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL)""",
-    ),
-}
-SCHEMA_VERSION = max(_MIGRATIONS)
-
 _UPSERT_LOGIN = """INSERT INTO users
-    (openid, unionid, session_key, phone_number, created_at, last_login_at)
-    VALUES (?, ?, ?, NULL, ?, ?)
-    ON CONFLICT (openid) DO UPDATE SET
+    (appid, openid, unionid, session_key, phone_number, created_at, last_login_at)
+    VALUES (?, ?, ?, ?, NULL, ?, ?)
+    ON CONFLICT (appid, openid) DO UPDATE SET
         unionid = COALESCE(excluded.unionid, users.unionid),
         session_key = excluded.session_key,
         last_login_at = excluded.last_login_at
-    RETURNING openid, unionid, session_key, phone_number, created_at, last_login_at"""
-_SELECT_USER = """SELECT openid, unionid, session_key, phone_number, created_at, last_login_at
-    FROM users WHERE openid = ?"""
+    RETURNING appid, openid, unionid, session_key, phone_number, created_at, last_login_at"""
+_SELECT_USERS = """SELECT
+    appid, openid, unionid, session_key, phone_number, created_at, last_login_at FROM users"""
+_SELECT_USER = _SELECT_USERS + " WHERE appid = ? AND openid = ?"
+_SELECT_BY_UNIONID = _SELECT_USERS + " WHERE unionid = ? ORDER BY appid, openid"
 # An upsert, not an UPDATE: if the record is gone (a wiped database while the
 # token lives on) the number is still stored rather than silently dropped.
 _SET_PHONE = """INSERT INTO users
-    (openid, unionid, session_key, phone_number, created_at, last_login_at)
-    VALUES (?, NULL, NULL, ?, ?, ?)
-    ON CONFLICT (openid) DO UPDATE SET phone_number = excluded.phone_number"""
+    (appid, openid, unionid, session_key, phone_number, created_at, last_login_at)
+    VALUES (?, ?, NULL, NULL, ?, ?, ?)
+    ON CONFLICT (appid, openid) DO UPDATE SET phone_number = excluded.phone_number"""
 
 
 def sqlite_path_from_url(url: str) -> str:
@@ -100,14 +85,28 @@ def sqlite_path_from_url(url: str) -> str:
 
 
 class SQLiteStorage(Storage):
+    """The store in the SQLite file at ``path``.
+
+    ``default_appid`` is the app that owns data written before the store knew of
+    apps (schema 1, a single-app release): its users and its access token. The
+    file cannot tell which app that was, only the configuration can (the single
+    configured app, or the first of ``wechat.apps``), so whoever opens the store
+    for the gateway passes it. Without it, such a file is refused at open rather
+    than given to a guessed app; a new or empty file does not need it.
+    """
+
     def __init__(
         self,
         path: str | Path,
         *,
+        default_appid: str | None = None,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         attempts: int = DEFAULT_ATTEMPTS,
     ) -> None:
         self.path = str(path)
+        self.default_appid = default_appid
+        # (from, to) schema versions when this open() migrated the file, for the log.
+        self.migrated: tuple[int, int] | None = None
         self._busy_timeout = busy_timeout
         self._attempts = max(1, attempts)
         self._conn: aiosqlite.Connection | None = None
@@ -142,10 +141,20 @@ class SQLiteStorage(Storage):
         self._conn.row_factory = sqlite3.Row
         try:
             await self._run("configure", self._configure, write=False)
-            await self._run("migrate", self._migrate)
+            found = await self._run("migrate", self._migrate)
         except BaseException:
             await self.close()
             raise
+        if found < SCHEMA_VERSION:
+            self.migrated = (found, SCHEMA_VERSION)
+        if 0 < found < SCHEMA_VERSION:  # a new file is not news; an upgraded one is
+            log.info(
+                "storage: migrated %s from schema %d to %d (earlier data belongs to app %s)",
+                self.path,
+                found,
+                SCHEMA_VERSION,
+                self.default_appid,
+            )
 
     async def _configure(self, conn: aiosqlite.Connection) -> None:
         await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
@@ -155,19 +164,8 @@ class SQLiteStorage(Storage):
         await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute("PRAGMA synchronous = NORMAL")
 
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        # Inside BEGIN IMMEDIATE: of several workers starting at once, one migrates
-        # and the others then see the new version.
-        version = await _scalar(conn, "PRAGMA user_version")
-        if version > SCHEMA_VERSION:
-            raise StorageError(
-                f"storage: {self.path!r} has schema version {version}, newer than this "
-                f"gateway's {SCHEMA_VERSION}; upgrade the gateway instead"
-            )
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in _MIGRATIONS[step]:
-                await conn.execute(statement)
-            await conn.execute(f"PRAGMA user_version = {int(step)}")
+    async def _migrate(self, conn: aiosqlite.Connection) -> int:
+        return await schema.migrate(conn, self.path, self.default_appid)
 
     async def close(self) -> None:
         # Under the lock: a transaction already under way finishes first.
@@ -184,7 +182,7 @@ class SQLiteStorage(Storage):
 
     async def ping(self) -> None:
         async def check(conn: aiosqlite.Connection) -> None:
-            await _scalar(conn, "SELECT count(*) FROM access_token")
+            await schema.scalar(conn, "SELECT count(*) FROM access_token")
 
         # write=True: taking the write lock is the check that a read-only or
         # wedged file fails. One attempt: readiness should answer, not wait.
@@ -192,25 +190,32 @@ class SQLiteStorage(Storage):
 
     # -- users -------------------------------------------------------------
     async def upsert_login(
-        self, openid: str, unionid: str | None, session_key: str, now: float
+        self, appid: str, openid: str, unionid: str | None, session_key: str, now: float
     ) -> UserRecord:
         async def upsert(conn: aiosqlite.Connection) -> UserRecord:
             rows = await conn.execute_fetchall(
-                _UPSERT_LOGIN, (openid, unionid, session_key, now, now)
+                _UPSERT_LOGIN, (appid, openid, unionid, session_key, now, now)
             )
             return _user(next(iter(rows)))
 
         return await self._run("upsert_login", upsert, single=True)
 
-    async def get_user(self, openid: str) -> UserRecord | None:
+    async def get_user(self, appid: str, openid: str) -> UserRecord | None:
         async def get(conn: aiosqlite.Connection) -> UserRecord | None:
-            rows = await conn.execute_fetchall(_SELECT_USER, (openid,))
+            rows = await conn.execute_fetchall(_SELECT_USER, (appid, openid))
             return next((_user(row) for row in rows), None)
 
         return await self._run("get_user", get, write=False)
 
-    async def set_phone(self, openid: str, phone_number: str, now: float) -> None:
-        await self._write("set_phone", _SET_PHONE, (openid, phone_number, now, now))
+    async def set_phone(self, appid: str, openid: str, phone_number: str, now: float) -> None:
+        await self._write("set_phone", _SET_PHONE, (appid, openid, phone_number, now, now))
+
+    async def users_by_unionid(self, unionid: str) -> list[UserRecord]:
+        async def find(conn: aiosqlite.Connection) -> list[UserRecord]:
+            rows = await conn.execute_fetchall(_SELECT_BY_UNIONID, (unionid,))
+            return [_user(row) for row in rows]
+
+        return await self._run("users_by_unionid", find, write=False)
 
     # -- sessions ----------------------------------------------------------
     async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
@@ -239,27 +244,29 @@ class SQLiteStorage(Storage):
         )
 
     # -- WeChat access token -----------------------------------------------
-    async def get_access_token(self) -> AccessToken | None:
+    async def get_access_token(self, appid: str) -> AccessToken | None:
         async def get(conn: aiosqlite.Connection) -> AccessToken | None:
             rows = await conn.execute_fetchall(
-                "SELECT token, expires_at FROM access_token WHERE id = 1"
+                "SELECT token, expires_at FROM access_token WHERE appid = ?", (appid,)
             )
             return next((AccessToken(row["token"], row["expires_at"]) for row in rows), None)
 
         return await self._run("get_access_token", get, write=False)
 
-    async def put_access_token(self, token: AccessToken) -> None:
+    async def put_access_token(self, appid: str, token: AccessToken) -> None:
         await self._write(
             "put_access_token",
-            """INSERT INTO access_token (id, token, expires_at) VALUES (1, ?, ?)
-            ON CONFLICT (id) DO UPDATE SET
+            """INSERT INTO access_token (appid, token, expires_at) VALUES (?, ?, ?)
+            ON CONFLICT (appid) DO UPDATE SET
                 token = excluded.token, expires_at = excluded.expires_at""",
-            (token.token, token.expires_at),
+            (appid, token.token, token.expires_at),
         )
 
-    async def clear_access_token(self, token: str) -> None:
+    async def clear_access_token(self, appid: str, token: str) -> None:
         await self._write(
-            "clear_access_token", "DELETE FROM access_token WHERE id = 1 AND token = ?", (token,)
+            "clear_access_token",
+            "DELETE FROM access_token WHERE appid = ? AND token = ?",
+            (appid, token),
         )
 
     # -- leases ------------------------------------------------------------
@@ -343,13 +350,9 @@ async def _transaction(conn: aiosqlite.Connection, op: Op[T], write: bool) -> T:
         raise
 
 
-async def _scalar(conn: aiosqlite.Connection, sql: str) -> int:
-    rows = list(await conn.execute_fetchall(sql))
-    return int(rows[0][0])
-
-
 def _user(row: sqlite3.Row) -> UserRecord:
     return UserRecord(
+        appid=row["appid"],
         openid=row["openid"],
         unionid=row["unionid"],
         session_key=row["session_key"],

@@ -5,6 +5,9 @@ it. A cross-process lease in storage makes one caller fetch while the others
 wait for the result: ``stable_token`` is rate limited, and a thundering herd
 at expiry would burn the quota. ``stable_token`` is used rather than
 ``cgi-bin/token`` because it does not invalidate the token others hold.
+
+Each app (appid) has its own token, so one :class:`AccessTokens` serves one app:
+its stored token, its cache, its lease. Two apps never wait for each other.
 """
 
 from __future__ import annotations
@@ -18,23 +21,33 @@ from gateway.errors import WechatError, WechatTimeout
 from gateway.storage import AccessToken, Storage
 from gateway.wechat.client import AccessTokenRejected, WechatClient
 
-LEASE = "wechat-access-token"
+LEASE_PREFIX = "wechat-access-token"
 # Treat a token as expired this long before WeChat would (never more than a tenth of its life).
 MAX_MARGIN = 300.0
 WAIT_STEP = 0.05
 T = TypeVar("T")
 
 
+def lease_name(appid: str) -> str:
+    """The storage lease that makes one caller at a time fetch app ``appid``'s token."""
+    return f"{LEASE_PREFIX}:{appid}"
+
+
 class AccessTokens:
+    """App ``appid``'s access token."""
+
     def __init__(
         self,
         client: WechatClient,
         storage: Storage,
         clock: Callable[[], float],
         *,
+        appid: str,
         lease_ttl: float,
         on_fetch: Callable[[str], None] | None = None,
     ) -> None:
+        self.appid = appid
+        self._lease = lease_name(appid)
         self._client = client
         self._on_fetch = on_fetch  # called with "refresh" (rejected token) or "expired"
         self._storage = storage
@@ -56,24 +69,24 @@ class AccessTokens:
         async with self._lock:  # single flight inside this process ...
             deadline = self._clock() + self._lease_ttl * 2
             while True:
-                stored = await self._storage.get_access_token()
+                stored = await self._storage.get_access_token(self.appid)
                 if stored is not None and self._usable(stored, not_this):
                     self._cached = stored
                     return stored.token
                 # ... and across processes through the storage lease.
                 if await self._storage.acquire_lease(
-                    LEASE, self._holder, self._lease_ttl, self._clock()
+                    self._lease, self._holder, self._lease_ttl, self._clock()
                 ):
                     try:
                         # The previous holder may have stored a fresh token just
                         # before releasing: look once more before calling WeChat.
-                        stored = await self._storage.get_access_token()
+                        stored = await self._storage.get_access_token(self.appid)
                         if stored is not None and self._usable(stored, not_this):
                             self._cached = stored
                             return stored.token
                         return await self._fetch(force=not_this is not None)
                     finally:
-                        await self._storage.release_lease(LEASE, self._holder)
+                        await self._storage.release_lease(self._lease, self._holder)
                 if self._clock() > deadline:
                     raise WechatTimeout("Timed out waiting for another worker's access token.")
                 await asyncio.sleep(WAIT_STEP)
@@ -85,14 +98,14 @@ class AccessTokens:
         token, expires_in = await self._client.stable_token(force_refresh=force)
         margin = min(MAX_MARGIN, expires_in / 10)
         entry = AccessToken(token, self._clock() + expires_in - margin)
-        await self._storage.put_access_token(entry)
+        await self._storage.put_access_token(self.appid, entry)
         self._cached = entry
         return token
 
     async def invalidate(self, token: str) -> None:
         if self._cached is not None and self._cached.token == token:
             self._cached = None
-        await self._storage.clear_access_token(token)
+        await self._storage.clear_access_token(self.appid, token)
 
     async def call(self, api: Callable[[str], Awaitable[T]]) -> T:
         """Run ``api(token)``; on a rejected token refetch once and retry once."""

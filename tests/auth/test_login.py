@@ -52,7 +52,7 @@ async def read_user(db: Path, openid: str) -> UserRecord | None:
     store = SQLiteStorage(db)
     await store.open()
     try:
-        return await store.get_user(openid)
+        return await store.get_user(APPID, openid)
     finally:
         await store.close()
 
@@ -594,7 +594,9 @@ async def test_session_key_never_leaves(
         headers = str(resp.headers)
         token = (await resp.json())["token"]
     assert key not in text and key not in headers
-    record = await gw.listener.gateway.services.storage.get_user(fake.openid_for("secret-holder"))
+    record = await gw.listener.gateway.services.storage.get_user(
+        APPID, fake.openid_for("secret-holder")
+    )
     assert record is not None and record.session_key == key
     auth = {"Authorization": f"Bearer {token}"}
     for path in ("/auth/me", "/api/x"):

@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gateway.wechat import fake
-from gateway.wechat.access_token import LEASE
+from gateway.wechat.access_token import lease_name
 from gateway.wechat.crypto import encrypt_payload
 from tests.support.client import Reply, bearer, fake_stats, logged_in, send
 from tests.support.errors import assert_error
@@ -107,7 +107,9 @@ async def test_phone_code_answers_and_stores(
         "country_code": "86",
     }
     assert (await me(http, gw.url, token))["phone_number"] == "13912345678"
-    stored = await gw.listener.gateway.services.storage.get_user(fake.openid_for("phone-owner"))
+    stored = await gw.listener.gateway.services.storage.get_user(
+        APPID, fake.openid_for("phone-owner")
+    )
     assert stored is not None and stored.phone_number == "13912345678"
     # A later number replaces the earlier one.
     reply = await phone(http, gw.url, token, {"code": "phone-13700000000"})
@@ -418,7 +420,7 @@ async def test_lease_winner_rechecks_the_shared_token_before_fetching(
     try:
         other.execute(
             "INSERT INTO leases (name, holder, expires_at) VALUES (?, 'another-process', ?)",
-            (LEASE, time.time() + 60),
+            (lease_name(APPID), time.time() + 60),
         )
         call = asyncio.create_task(phone(http, gw.url, token, {"code": "phone-13900001234"}))
         await asyncio.sleep(0.3)
@@ -436,11 +438,11 @@ async def test_lease_winner_rechecks_the_shared_token_before_fetching(
             fetched = await resp.json()
         await asyncio.sleep(0.3)
         other.execute(
-            "INSERT INTO access_token (id, token, expires_at) VALUES (1, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at",
-            (fetched["access_token"], time.time() + fetched["expires_in"] - 600),
+            "INSERT INTO access_token (appid, token, expires_at) VALUES (?, ?, ?) ON CONFLICT "
+            "(appid) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at",
+            (APPID, fetched["access_token"], time.time() + fetched["expires_in"] - 600),
         )
-        other.execute("DELETE FROM leases WHERE name = ?", (LEASE,))
+        other.execute("DELETE FROM leases WHERE name = ?", (lease_name(APPID),))
         other.execute("COMMIT")
         reply = await asyncio.wait_for(call, 10)
     finally:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from gateway.storage.sqlite import SQLiteStorage
-from tests.support.gateway import TOKEN_SECRET, free_port
+from tests.support.gateway import APPID, TOKEN_SECRET, free_port
 from tests.support.procs import ROOT, GatewayProcess, wait_healthy, write_config
 
 WECHAT_SECRET = "wechat-secret-for-file-modes"
@@ -49,7 +49,7 @@ async def test_storage_makes_missing_directories_0700_and_its_files_0600(tmp_pat
     storage = SQLiteStorage(db)
     await storage.open()
     try:
-        await storage.upsert_login("o-user", None, "session-key", 1.0)
+        await storage.upsert_login(APPID, "o-user", None, "session-key", 1.0)
         # WAL mode: the write went to -wal, and -shm indexes it; both exist now.
         assert {path: mode(path) for path in store_files(db)} == {
             path: 0o600 for path in store_files(db)

@@ -21,9 +21,14 @@ import pytest
 
 from gateway.storage import AccessToken, Storage, StorageError
 from gateway.storage.sqlite import SCHEMA_VERSION, SQLiteStorage, sqlite_path_from_url
+from gateway.wechat.access_token import lease_name
 from tests.support import ROOT
 
 Factory = Callable[[], Storage]
+
+# Two mini programs: an openid is only unique inside its app.
+APP = "wx-app-a"
+OTHER_APP = "wx-app-b"
 
 # Each backend: tmp_path -> a factory of fresh, unopened instances on the same data,
 # so tests can close one and open another (persistence).
@@ -52,62 +57,142 @@ async def storage(make_storage: Factory) -> AsyncIterator[Storage]:
 
 
 async def test_upsert_creates_then_updates_the_same_record(storage: Storage) -> None:
-    first = await storage.upsert_login("o-1", "u-1", "key-1", now=100.0)
-    assert (first.openid, first.unionid, first.session_key) == ("o-1", "u-1", "key-1")
+    first = await storage.upsert_login(APP, "o-1", "u-1", "key-1", now=100.0)
+    assert (first.appid, first.openid, first.unionid, first.session_key) == (
+        APP,
+        "o-1",
+        "u-1",
+        "key-1",
+    )
     assert first.created_at == first.last_login_at == 100.0
     assert first.phone_number is None
 
-    second = await storage.upsert_login("o-1", "u-1", "key-2", now=200.0)
+    second = await storage.upsert_login(APP, "o-1", "u-1", "key-2", now=200.0)
     assert second.session_key == "key-2"
     assert (second.created_at, second.last_login_at) == (100.0, 200.0)
-    assert await storage.get_user("o-1") == second
+    assert await storage.get_user(APP, "o-1") == second
 
 
 async def test_a_login_without_unionid_keeps_the_known_one(storage: Storage) -> None:
-    await storage.upsert_login("o-1", "u-1", "k", now=1.0)
-    assert (await storage.upsert_login("o-1", None, "k", now=2.0)).unionid == "u-1"
-    assert (await storage.upsert_login("o-1", "u-2", "k", now=3.0)).unionid == "u-2"
-    assert (await storage.upsert_login("o-2", None, "k", now=3.0)).unionid is None
+    await storage.upsert_login(APP, "o-1", "u-1", "k", now=1.0)
+    assert (await storage.upsert_login(APP, "o-1", None, "k", now=2.0)).unionid == "u-1"
+    assert (await storage.upsert_login(APP, "o-1", "u-2", "k", now=3.0)).unionid == "u-2"
+    assert (await storage.upsert_login(APP, "o-2", None, "k", now=3.0)).unionid is None
 
 
 async def test_get_user_missing(storage: Storage) -> None:
-    assert await storage.get_user("nobody") is None
+    assert await storage.get_user(APP, "nobody") is None
 
 
 async def test_set_phone(storage: Storage) -> None:
-    await storage.upsert_login("o-1", None, "key-1", now=1.0)
-    await storage.set_phone("o-1", "+8613800138000", now=5.0)
-    user = await storage.get_user("o-1")
+    await storage.upsert_login(APP, "o-1", None, "key-1", now=1.0)
+    await storage.set_phone(APP, "o-1", "+8613800138000", now=5.0)
+    user = await storage.get_user(APP, "o-1")
     assert user is not None
     assert user.phone_number == "+8613800138000"
     assert (user.session_key, user.created_at, user.last_login_at) == ("key-1", 1.0, 1.0)
     # A later login does not forget the number.
-    again = await storage.upsert_login("o-1", None, "key-2", now=9.0)
+    again = await storage.upsert_login(APP, "o-1", None, "key-2", now=9.0)
     assert again.phone_number == "+8613800138000"
 
 
 async def test_set_phone_for_an_unknown_user_still_stores_it(storage: Storage) -> None:
-    await storage.set_phone("o-new", "13800138000", now=7.0)
-    user = await storage.get_user("o-new")
+    await storage.set_phone(APP, "o-new", "13800138000", now=7.0)
+    user = await storage.get_user(APP, "o-new")
     assert user is not None
     assert (user.phone_number, user.session_key, user.unionid) == ("13800138000", None, None)
 
 
 async def test_records_never_show_the_session_key(storage: Storage) -> None:
-    user = await storage.upsert_login("o-1", None, "sEcReT-session-key", now=1.0)
+    user = await storage.upsert_login(APP, "o-1", None, "sEcReT-session-key", now=1.0)
     assert "sEcReT" not in repr(user)
     assert "sEcReT" not in repr(storage)
 
 
 async def test_concurrent_logins_of_one_user_make_one_record(storage: Storage) -> None:
     results = await asyncio.gather(
-        *(storage.upsert_login("o-same", None, f"key-{i}", now=float(i)) for i in range(50))
+        *(storage.upsert_login(APP, "o-same", None, f"key-{i}", now=float(i)) for i in range(50))
     )
     assert len({r.created_at for r in results}) == 1
-    user = await storage.get_user("o-same")
+    user = await storage.get_user(APP, "o-same")
     assert user is not None
     assert user.session_key in {f"key-{i}" for i in range(50)}
     assert user.created_at == results[0].created_at
+
+
+# -- several apps -------------------------------------------------------------
+
+
+async def test_the_same_openid_in_two_apps_is_two_records(storage: Storage) -> None:
+    a = await storage.upsert_login(APP, "o-1", "u-1", "key-a", now=1.0)
+    b = await storage.upsert_login(OTHER_APP, "o-1", None, "key-b", now=2.0)
+    assert (a.appid, b.appid) == (APP, OTHER_APP)
+    assert (b.unionid, b.session_key, b.created_at) == (None, "key-b", 2.0)
+
+    # A login to one app leaves the other app's record alone.
+    await storage.upsert_login(APP, "o-1", None, "key-a2", now=3.0)
+    other = await storage.get_user(OTHER_APP, "o-1")
+    assert other == b
+    mine = await storage.get_user(APP, "o-1")
+    assert mine is not None
+    assert (mine.session_key, mine.unionid, mine.last_login_at) == ("key-a2", "u-1", 3.0)
+    assert await storage.get_user("wx-app-unknown", "o-1") is None
+
+
+async def test_a_phone_number_belongs_to_one_app(storage: Storage) -> None:
+    await storage.upsert_login(APP, "o-1", None, "key-a", now=1.0)
+    await storage.upsert_login(OTHER_APP, "o-1", None, "key-b", now=1.0)
+    await storage.set_phone(OTHER_APP, "o-1", "13800138000", now=2.0)
+    mine, other = await storage.get_user(APP, "o-1"), await storage.get_user(OTHER_APP, "o-1")
+    assert mine is not None and other is not None
+    assert (mine.phone_number, other.phone_number) == (None, "13800138000")
+    assert (other.session_key, other.appid) == ("key-b", OTHER_APP)
+
+
+async def test_users_by_unionid_finds_one_person_in_every_app(storage: Storage) -> None:
+    assert await storage.users_by_unionid("u-person") == []
+    await storage.upsert_login(OTHER_APP, "o-card", "u-person", "key-b", now=1.0)
+    await storage.upsert_login(APP, "o-shop", "u-person", "key-a", now=2.0)
+    await storage.upsert_login(APP, "o-else", "u-someone-else", "key-c", now=3.0)
+    await storage.upsert_login(APP, "o-none", None, "key-d", now=4.0)
+    # A record learns its unionid on a later login, and is found from then on.
+    await storage.upsert_login(APP, "o-late", None, "key-e", now=5.0)
+    await storage.upsert_login(APP, "o-late", "u-person", "key-e", now=6.0)
+
+    found = await storage.users_by_unionid("u-person")
+    assert [(u.appid, u.openid) for u in found] == [
+        (APP, "o-late"),
+        (APP, "o-shop"),
+        (OTHER_APP, "o-card"),
+    ]
+    assert found[1] == await storage.get_user(APP, "o-shop")
+    assert [u.openid for u in await storage.users_by_unionid("u-someone-else")] == ["o-else"]
+
+
+async def test_access_tokens_are_per_app(storage: Storage) -> None:
+    await storage.put_access_token(APP, AccessToken("tok-a", 100.0))
+    assert await storage.get_access_token(OTHER_APP) is None
+    await storage.put_access_token(OTHER_APP, AccessToken("tok-b", 200.0))
+    assert await storage.get_access_token(APP) == AccessToken("tok-a", 100.0)
+
+    # Clearing is by app and token: the same string under another app is not touched.
+    await storage.clear_access_token(OTHER_APP, "tok-a")
+    assert await storage.get_access_token(APP) == AccessToken("tok-a", 100.0)
+    await storage.clear_access_token(APP, "tok-a")
+    assert await storage.get_access_token(APP) is None
+    assert await storage.get_access_token(OTHER_APP) == AccessToken("tok-b", 200.0)
+
+
+async def test_each_apps_token_lease_is_independent(storage: Storage) -> None:
+    # The names AccessTokens uses: a fetch for one app never waits for another's.
+    a, b = lease_name(APP), lease_name(OTHER_APP)
+    assert a != b
+    assert await storage.acquire_lease(a, "worker-1", ttl=10.0, now=0.0)
+    assert await storage.acquire_lease(b, "worker-2", ttl=10.0, now=0.0)
+    assert not await storage.acquire_lease(a, "worker-2", ttl=10.0, now=1.0)
+    await storage.release_lease(b, "worker-2")
+    assert not await storage.acquire_lease(a, "worker-2", ttl=10.0, now=1.0)
+    assert await storage.acquire_lease(b, "worker-1", ttl=10.0, now=1.0)
 
 
 # -- revocations --------------------------------------------------------------
@@ -150,17 +235,17 @@ async def test_purge_drops_only_expired_revocations(storage: Storage) -> None:
 
 
 async def test_access_token_put_get_clear(storage: Storage) -> None:
-    assert await storage.get_access_token() is None
-    await storage.put_access_token(AccessToken("tok-1", 100.0))
-    assert await storage.get_access_token() == AccessToken("tok-1", 100.0)
+    assert await storage.get_access_token(APP) is None
+    await storage.put_access_token(APP, AccessToken("tok-1", 100.0))
+    assert await storage.get_access_token(APP) == AccessToken("tok-1", 100.0)
 
-    await storage.put_access_token(AccessToken("tok-2", 200.0))
-    await storage.clear_access_token("tok-1")  # stale: the newer token stays
-    assert await storage.get_access_token() == AccessToken("tok-2", 200.0)
+    await storage.put_access_token(APP, AccessToken("tok-2", 200.0))
+    await storage.clear_access_token(APP, "tok-1")  # stale: the newer token stays
+    assert await storage.get_access_token(APP) == AccessToken("tok-2", 200.0)
 
-    await storage.clear_access_token("tok-2")
-    assert await storage.get_access_token() is None
-    await storage.clear_access_token("tok-2")  # nothing to clear: no error
+    await storage.clear_access_token(APP, "tok-2")
+    assert await storage.get_access_token(APP) is None
+    await storage.clear_access_token(APP, "tok-2")  # nothing to clear: no error
 
 
 # -- leases -------------------------------------------------------------------
@@ -195,16 +280,16 @@ async def test_lease_release_only_by_its_holder(storage: Storage) -> None:
 async def test_data_survives_close_and_reopen(make_storage: Factory) -> None:
     store = make_storage()
     await store.open()
-    await store.upsert_login("o-1", "u-1", "key-1", now=1.0)
-    await store.set_phone("o-1", "13800138000", now=2.0)
+    await store.upsert_login(APP, "o-1", "u-1", "key-1", now=1.0)
+    await store.set_phone(APP, "o-1", "13800138000", now=2.0)
     await store.revoke_session("s-1", expires_at=100.0, now=1.0)
-    await store.put_access_token(AccessToken("tok", 50.0))
+    await store.put_access_token(APP, AccessToken("tok", 50.0))
     await store.close()
 
     again = make_storage()
     await again.open()
     try:
-        user = await again.get_user("o-1")
+        user = await again.get_user(APP, "o-1")
         assert user is not None
         assert (user.unionid, user.session_key, user.phone_number) == (
             "u-1",
@@ -212,7 +297,7 @@ async def test_data_survives_close_and_reopen(make_storage: Factory) -> None:
             "13800138000",
         )
         assert (await again.revoked_since(0))[0] == ["s-1"]
-        assert await again.get_access_token() == AccessToken("tok", 50.0)
+        assert await again.get_access_token(APP) == AccessToken("tok", 50.0)
     finally:
         await again.close()
 
@@ -224,7 +309,7 @@ async def test_ping_close_twice_and_use_after_close(make_storage: Factory) -> No
     await store.close()
     await store.close()
     with pytest.raises(StorageError):
-        await store.get_user("o-1")
+        await store.get_user(APP, "o-1")
     with pytest.raises(StorageError):
         await store.ping()
 
@@ -268,8 +353,8 @@ async def test_in_memory_database_works() -> None:
     store = SQLiteStorage(":memory:")
     await store.open()
     try:
-        await store.upsert_login("o-1", None, "k", now=1.0)
-        assert await store.get_user("o-1") is not None
+        await store.upsert_login(APP, "o-1", None, "k", now=1.0)
+        assert await store.get_user(APP, "o-1") is not None
         await store.ping()
     finally:
         await store.close()
@@ -317,16 +402,16 @@ async def test_read_only_store_fails_ping_and_writes(tmp_path: Path) -> None:
     store = SQLiteStorage(tmp_path / "gw.db")
     await store.open()
     try:
-        await store.upsert_login("o-1", None, "key-1", now=1.0)
+        await store.upsert_login(APP, "o-1", None, "key-1", now=1.0)
         conn = store._conn
         assert conn is not None
         await conn.execute("PRAGMA query_only = ON")
         with pytest.raises(StorageError):
             await store.ping()
         with pytest.raises(StorageError) as info:
-            await store.upsert_login("o-1", None, "sEcReT-key", now=2.0)
+            await store.upsert_login(APP, "o-1", None, "sEcReT-key", now=2.0)
         assert "sEcReT" not in str(info.value)
-        assert await store.get_user("o-1") is not None
+        assert await store.get_user(APP, "o-1") is not None
     finally:
         await store.close()
 
@@ -341,11 +426,11 @@ async def test_a_lock_held_forever_becomes_storage_error(tmp_path: Path) -> None
         with pytest.raises(StorageError, match="locked"):
             await store.ping()
         with pytest.raises(StorageError, match="locked") as info:
-            await store.upsert_login("o-1", None, "sEcReT-key", now=1.0)
+            await store.upsert_login(APP, "o-1", None, "sEcReT-key", now=1.0)
         assert "sEcReT" not in str(info.value)
-        assert await store.get_user("o-1") is None  # WAL readers are not blocked
+        assert await store.get_user(APP, "o-1") is None  # WAL readers are not blocked
         other.execute("ROLLBACK")
-        await store.upsert_login("o-1", None, "key", now=1.0)
+        await store.upsert_login(APP, "o-1", None, "key", now=1.0)
     finally:
         other.close()
         await store.close()
@@ -360,7 +445,7 @@ async def test_a_briefly_held_lock_is_retried(tmp_path: Path) -> None:
     release = threading.Timer(0.3, other.execute, ("ROLLBACK",))
     release.start()
     try:
-        assert (await store.upsert_login("o-1", None, "key", now=1.0)).openid == "o-1"
+        assert (await store.upsert_login(APP, "o-1", None, "key", now=1.0)).openid == "o-1"
     finally:
         release.join()
         other.close()
@@ -375,7 +460,7 @@ async def test_a_cancelled_write_leaves_no_transaction_open(tmp_path: Path) -> N
     await store.open()
     try:
         for delay in (0, 0.0005, 0.001, 0.002):
-            task = asyncio.create_task(store.upsert_login("o-1", None, "key", now=1.0))
+            task = asyncio.create_task(store.upsert_login(APP, "o-1", None, "key", now=1.0))
             await asyncio.sleep(delay)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -416,7 +501,7 @@ WRITER = """
         try:
             for i in range(200):
                 openid = f"{tag}-{i}" if i % 2 == 0 else f"shared-{i % 40}"
-                await store.upsert_login(openid, None, f"{tag}-key-{i}", float(i))
+                await store.upsert_login("wx-app-a", openid, None, f"{tag}-key-{i}", float(i))
         finally:
             await store.close()
 
@@ -451,7 +536,7 @@ async def test_two_processes_writing_at_once(tmp_path: Path) -> None:
     await store.open()
     try:
         for openid in [f"p{n}-{i}" for n in (1, 2) for i in range(0, 200, 2)]:
-            assert await store.get_user(openid) is not None
+            assert await store.get_user(APP, openid) is not None
     finally:
         await store.close()
 
@@ -463,7 +548,7 @@ KILLED = """
     async def main(path):
         store = SQLiteStorage(path)
         await store.open()
-        await store.upsert_login("o-durable", "u-1", "key-1", 1.0)
+        await store.upsert_login("wx-app-a", "o-durable", "u-1", "key-1", 1.0)
         await store.revoke_session("s-durable", 100.0, 1.0)
         os.kill(os.getpid(), signal.SIGKILL)  # no close, no checkpoint
 
@@ -479,7 +564,7 @@ async def test_a_commit_survives_kill_9(tmp_path: Path) -> None:
     store = SQLiteStorage(path)
     await store.open()
     try:
-        user = await store.get_user("o-durable")
+        user = await store.get_user(APP, "o-durable")
         assert user is not None and user.session_key == "key-1"
         assert (await store.revoked_since(0))[0] == ["s-durable"]
     finally:
