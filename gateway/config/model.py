@@ -99,7 +99,7 @@ class ServerConfig:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     # How long a keep-alive connection to an upstream waits for reuse (nginx's
-    # upstream keepalive_timeout): below the upstreams' own, see upstream_pool.
+    # upstream keepalive_timeout): below the upstreams' own, see gateway/proxy/pool.py.
     upstream_idle_timeout: float = DEFAULT_UPSTREAM_IDLE_TIMEOUT
     # A WebSocket with no message relayed either way for this long is closed
     # (pings do not count: a stolen token must not keep a socket by pinging).

@@ -65,6 +65,13 @@ class Gateway:
         return code
 
 
+async def _stop_cleanly(gw: Gateway) -> None:
+    """Stop ``gw``: it must exit 0 and have logged no traceback on its way."""
+    code = await asyncio.to_thread(gw.stop)
+    assert code == 0, gw.lines
+    assert not any("Traceback" in line for line in gw.lines), gw.lines
+
+
 async def _exchange(conn: Conn, path: str) -> tuple[int, bytes]:
     """One request on an open keep-alive connection: (status, body)."""
     await conn.send(request_bytes(path, host="gw", close=False))
@@ -140,9 +147,7 @@ async def test_sighup_applies_a_new_config_on_open_connections(
         assert (await _exchange(conn, "/extra/y"))[0] == 200
         await conn.close()
     finally:
-        code = await asyncio.to_thread(gw.stop)
-    assert code == 0
-    assert not any("Traceback" in line for line in gw.lines), gw.lines
+        await _stop_cleanly(gw)
 
 
 async def test_sighup_reaches_every_worker(
@@ -167,8 +172,7 @@ async def test_sighup_reaches_every_worker(
             await conn.close()
         assert children(gw.proc.pid) == workers  # reloaded in place, not restarted
     finally:
-        code = await asyncio.to_thread(gw.stop)
-    assert code == 0
+        await _stop_cleanly(gw)
 
 
 # -- SIGHUP during start-up (issue 12, item 7) ------------------------------------
@@ -269,9 +273,7 @@ async def test_sighup_during_start_up_is_not_fatal(
             reloads = await asyncio.to_thread(gw.wait_for, "configuration reloaded")
             assert len(reloads) < len(sent)
     finally:
-        code = await asyncio.to_thread(gw.stop)
-    assert code == 0, gw.lines
-    assert not any("Traceback" in line for line in gw.lines), gw.lines
+        await _stop_cleanly(gw)
 
 
 async def test_sighup_while_the_supervisor_replaces_a_worker_is_not_fatal(
@@ -308,6 +310,4 @@ async def test_sighup_while_the_supervisor_replaces_a_worker_is_not_fatal(
             assert (await _exchange(conn, "/extra/x"))[0] == 200
             await conn.close()
     finally:
-        code = await asyncio.to_thread(gw.stop)
-    assert code == 0, gw.lines
-    assert not any("Traceback" in line for line in gw.lines), gw.lines
+        await _stop_cleanly(gw)
