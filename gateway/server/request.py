@@ -47,11 +47,15 @@ def reason_phrase(status: int) -> str:
 
 
 def _asks_keep_alive(message: RawRequestMessage) -> bool:
-    return any(
-        token.strip().lower() == "keep-alive"
+    """An HTTP/1.0 request's explicit keep-alive, which a ``close`` token anywhere
+    in its Connection fields cancels (llhttp lets keep-alive win; h11 and RFC
+    9112 9.6 let close win, and a connection the client ends must not be reused)."""
+    tokens = {
+        token.strip().lower()
         for value in message.headers.getall("Connection", ())
         for token in value.split(",")
-    )
+    }
+    return "keep-alive" in tokens and "close" not in tokens
 
 
 class _Date:

@@ -47,7 +47,7 @@ def _mint_token() -> bytes:
     """A valid token for every gateway these tests start (they share conftest's
     token secret); minted up front so Content-Lengths are computed on real bytes."""
     raw = base_config(Path("/nonexistent"), "http://127.0.0.1:9", "http://127.0.0.1:9")
-    codec = TokenCodec(build_config(raw, env={}).token)
+    codec = TokenCodec.for_config(build_config(raw, env={}))
     return codec.issue(OPENID, None, time.time())[0].encode()
 
 
@@ -956,6 +956,20 @@ CASES: list[Case] = [
         get(b"/api/x", b"Connection: keep-alive\r\n", version=b"HTTP/1.0", close=False),
         "ok",
         upstream=(("GET", "/api/x"),),
+    ),
+    # Both tokens, in two fields: close wins (h11, RFC 9112 9.6); llhttp alone
+    # would keep the connection (found by test_framing_differential).
+    Case(
+        "http10-keep-alive-and-close",
+        get(
+            b"/api/x",
+            b"Connection: keep-alive\r\nConnection: close\r\n",
+            version=b"HTTP/1.0",
+            close=False,
+        ),
+        "ok",
+        upstream=(("GET", "/api/x"),),
+        check=check_closed,
     ),
     # An HTTP/0.9 line carries no headers, so no token: never past /api/.
     Case(
