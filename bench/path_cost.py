@@ -106,7 +106,9 @@ async def run(n: int, access_log: bool, once: bool) -> None:
     upstream_transport = _Transport(("127.0.0.1", UPSTREAM_PORT))
     upstream.connection_made(upstream_transport)  # type: ignore[arg-type]
     pool.release(upstream, reuse=True)
-    token = TokenCodec(TokenConfig(secret=Secret(SECRET))).issue("o-bench-user", None, time.time())
+    token = TokenCodec(TokenConfig(secret=Secret(SECRET)), ["wxbench"]).issue(
+        "o-bench-user", None, time.time()
+    )
     request = f"GET /x HTTP/1.1\r\nHost: gw.example\r\nAuthorization: Bearer {token[0]}\r\n\r\n"
     raw = request.encode()
     end_of_pass = server.batch._flush

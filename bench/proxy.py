@@ -156,9 +156,9 @@ def main() -> None:
     for tool in ("nginx", "haproxy"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             raise SystemExit(f"{tool} is needed: apt-get install nginx-light haproxy wrk")
-    token = TokenCodec(TokenConfig(secret=Secret(SECRET))).issue("o-bench-user", None, time.time())[
-        0
-    ]
+    token = TokenCodec(TokenConfig(secret=Secret(SECRET)), ["wxbench"]).issue(
+        "o-bench-user", None, time.time()
+    )[0]
     with tempfile.TemporaryDirectory() as tmp:
         ports = {name: free_port() for name in ("nginx", "haproxy", "plain", "gw1", "gw2")}
         upstream = f"http://127.0.0.1:{ports['nginx']}"

@@ -69,7 +69,7 @@ async def run(size_mib: int) -> None:
             await asyncio.to_thread(wait_http, f"http://127.0.0.1:{gw_port}/healthz")
             await asyncio.sleep(1)
             idle = rss_kib(gateway.pid)
-            token = TokenCodec(TokenConfig(secret=Secret(SECRET))).issue(
+            token = TokenCodec(TokenConfig(secret=Secret(SECRET)), ["wxbench"]).issue(
                 "o-rss", None, time.time()
             )[0]
             headers = {"Authorization": f"Bearer {token}"}

@@ -26,15 +26,18 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.auth.endpoints import AuthEndpoints, Endpoint
-from gateway.auth.identity import IdentityResolver
+from gateway.auth.identity import Identity, IdentityResolver
+from gateway.auth.phones import MISSING
 from gateway.config import Config
 from gateway.config.reserved import is_reserved
 from gateway.errors import (
+    AppForbidden,
     BadRequest,
     BodyTooLarge,
     GatewayError,
@@ -93,6 +96,9 @@ class Gateway:
         )
         self.access_log = AccessLog(config) if config.log.access else None
         self.auth = AuthEndpoints(config, self.services, self.identity, self.rules, self.router)
+        # The phone header's cache, only when the header is on (the proxy path
+        # then reads it; off, a user's number is never looked up here).
+        self._phones = self.services.phones if config.identity.phone_header else None
         self.draining = False
         self.inflight = 0  # requests handled and not yet finished (a reload waits on them)
         # Own endpoints: exact normalised path -> method -> handler.
@@ -238,24 +244,46 @@ class Gateway:
         return self._forward(request, route, path, query)
 
     def _forward(
-        self, request: Request, route: Route, path: NormalisedPath, query: str
+        self,
+        request: Request,
+        route: Route,
+        path: NormalisedPath,
+        query: str,
+        loaded_phone: str | object | None = MISSING,
     ) -> Awaitable[web.StreamResponse | None] | None:
+        """Forward ``request`` on ``route``. ``loaded_phone``: set when this is the
+        second pass of a request that first had to read the user's phone number
+        (:meth:`_forward_after_phone`); such a pass never takes the fast lane,
+        whose answer would bypass the awaitable already handed to the server."""
         upgrade = websocket.is_upgrade(request)
         if upgrade and not (route.websocket and websocket.is_websocket_upgrade(request)):
             # Before the token: the route cannot take this request whoever sends
             # it (contract section 8: 400, and nothing reaches the upstream).
             raise BadRequest("Upgrade is not allowed on this route.")
         identity = self.identity.identify(request, route.auth)
+        phone = None
+        if identity is not None:
+            if route.apps is not None and identity.appid not in route.apps:
+                raise AppForbidden()  # one set lookup on a value the token carries
+            if self._phones is not None:
+                phone = self._phones.cached(identity.appid, identity.openid)
+                if phone is MISSING:
+                    phone = loaded_phone
+                    if phone is MISSING:
+                        # This user's first request on this worker: one storage
+                        # read, then a second pass (before the rate limit counts).
+                        return self._forward_after_phone(request, route, path, query, identity)
         if route.limiter is not None:
             # Keys are namespaced ("o:", "ip:") so an openid never collides with
-            # an address.
+            # an address; with several apps one person has one openid per app.
             if identity:
-                route.limiter.check("o:" + identity.openid)
+                route.limiter.check("o:" + identity.appid + ":" + identity.openid)
             else:
                 route.limiter.check_client(self.rules.client_ip(request.headers, request.remote))
         upstream_path = route.upstream_path(path)
         openid = identity.openid if identity else None
         unionid = identity.unionid if identity else None
+        appid = identity.appid if identity else None
         if upgrade:
             headers = self.rules.upstream_request(
                 request.headers,
@@ -264,6 +292,8 @@ class Gateway:
                 request_id=request.request_id,
                 openid=openid,
                 unionid=unionid,
+                appid=appid,
+                phone=cast("str | None", phone),
             )
             return websocket.proxy_websocket(
                 self.websockets,
@@ -281,6 +311,8 @@ class Gateway:
             request_id=request.request_id,
             openid=openid,
             unionid=unionid,
+            appid=appid,
+            phone=cast("str | None", phone),
         )
         if request.content_length is not None and request.content_length > route.max_body:
             raise BodyTooLarge()  # before any 100 Continue invites the body
@@ -292,7 +324,30 @@ class Gateway:
         fwd = proxy.Forwarding(
             self.pools, self.rules, route, upstream_path, query, lines, request.request_id
         )
+        if loaded_phone is not MISSING:
+            return proxy.proxy_http(fwd, request, route.balancer.candidates())
         return proxy.forward(fwd, request, lambda exc: self._answer(request, None, exc))
+
+    async def _forward_after_phone(
+        self,
+        request: Request,
+        route: Route,
+        path: NormalisedPath,
+        query: str,
+        identity: Identity,
+    ) -> web.StreamResponse | None:
+        assert self._phones is not None
+        try:
+            phone = await self._phones.load(identity.appid, identity.openid)
+        except StorageError:
+            # The request goes on without the header, as for a user with no
+            # number; the operator sees why.
+            log.warning("storage: a user's phone number could not be read; header left out")
+            phone = None
+        # The second pass checks the token again (a cache hit), so a logout that
+        # landed during the read is honoured.
+        pending = self._forward(request, route, path, query, phone)
+        return await pending if pending is not None else None
 
     # -- own endpoints -----------------------------------------------------------
     async def healthz(self, request: Request) -> web.StreamResponse:

@@ -1,4 +1,4 @@
-"""The ``gateway`` command: run, check, fake-wechat (contract section 2)."""
+"""The ``gateway`` command: run, check, fake-wechat (contract section 2), users."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
         help="serve this mini program, checking its secret if given; repeat for more apps"
         " (default: any appid and secret)",
     )
+    users = commands.add_parser(
+        "users", help="show a user's records, or revoke every session of a user"
+    )
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    for name, text in (
+        ("show", "print the user's records (one JSON object per app; no session_key)"),
+        ("revoke", "revoke every session of the user; every worker refuses them within 1 s"),
+    ):
+        sub = users_commands.add_parser(name, help=text)
+        sub.add_argument("-c", "--config", default="config.yaml")
+        sub.add_argument("--appid", help="the user's app (with --openid; or narrows --unionid)")
+        sub.add_argument("--openid", help="the user's openid in --appid")
+        sub.add_argument("--unionid", help="the person's unionid: their records in every app")
     demo = commands.add_parser("demo-upstream", help="run an upstream that echoes what it receives")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9000)
@@ -73,7 +86,12 @@ def _load(path: str) -> Config | None:
 def _describe(config: Config) -> str:
     from gateway.proxy.routing import Router
 
-    lines = ["routes (longest prefix first):"]
+    names = {app.appid: app.label for app in config.wechat.apps}
+    # Appids and names only: never a secret.
+    lines = ["apps (the first is the default: logins without appid, older data):"]
+    for app in config.wechat.apps:
+        lines.append(f"  {app.appid}" + (f"  name={app.name}" if app.name else ""))
+    lines.append("routes (longest prefix first):")
     for route in Router(config.routes, config.server.max_body).routes:
         cfg = route.config
         lines.append(
@@ -81,10 +99,83 @@ def _describe(config: Config) -> str:
             f" strip_prefix={'yes' if cfg.strip_prefix else 'no'} timeout={cfg.timeout:g}s"
             f" max_body={route.max_body} websocket={'yes' if cfg.websocket else 'no'}"
             + (f" rate_limit={cfg.rate_limit}" if cfg.rate_limit else "")
+            + (f" apps={','.join(sorted(names[a] for a in cfg.apps))}" if cfg.apps else "")
         )
     if not config.routes:
         lines.append("  (none: every proxied request is 404 no_route)")
     return "\n".join(lines)
+
+
+def _users(args: argparse.Namespace) -> int:
+    """``gateway users show|revoke``: exit 0 done, 1 no such user or storage
+    failure, 2 bad arguments or config."""
+    import asyncio
+    import time
+
+    from gateway.auth import users
+    from gateway.runtime.services import open_storage
+    from gateway.storage import StorageError
+
+    if (args.unionid is None) == (args.openid is None) or (
+        args.openid is not None and args.appid is None
+    ):
+        print("give --appid with --openid, or --unionid (optionally with --appid)", file=sys.stderr)
+        return 2
+    config = _load(args.config)
+    if config is None:
+        return 2
+    appid = args.appid
+    if appid is not None:
+        # A name works as in routes[].apps; the records are keyed by appid.
+        by_label = {label: a.appid for a in config.wechat.apps for label in (a.appid, a.name)}
+        if appid not in by_label:
+            print(f"--appid: {appid!r} is not configured in {args.config}", file=sys.stderr)
+            return 2
+        appid = by_label[appid]
+    who = {"appid": appid, "openid": args.openid, "unionid": args.unionid}
+    missing = _missing_store(config.storage.url)
+    if missing is not None:
+        # Opening would create an empty store, then report "no such user": a
+        # command run from the wrong directory must say it looks at nothing.
+        print(
+            f"no database at {missing}: is this the config the gateway runs with?",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def act() -> None:
+        storage = open_storage(config.storage.url, config.wechat.default_app.appid)
+        await storage.open()
+        try:
+            if args.users_command == "show":
+                await users.show(storage, sys.stdout, **who)
+            else:
+                await users.revoke(storage, config, time.time, sys.stdout, **who)
+        finally:
+            await storage.close()
+
+    try:
+        asyncio.run(act())
+    except users.NoSuchUser:
+        print("no such user", file=sys.stderr)
+        return 1
+    except StorageError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _missing_store(url: str) -> str | None:
+    """The path of a SQLite store that does not exist yet, else None."""
+    import os
+
+    from gateway.storage.sqlite import MEMORY, sqlite_path_from_url
+
+    try:
+        path = sqlite_path_from_url(url)
+    except ValueError:
+        return None  # opening reports it
+    return None if path == MEMORY or os.path.exists(path) else path
 
 
 def _warn_insecure(config: Config) -> None:
@@ -171,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
         fake.run(args.host, args.port, apps=dict(args.app) if args.app else None)
         return 0
+    if args.command == "users":
+        return _users(args)
     if args.command == "demo-upstream":
         from gateway import demo
 

@@ -6,6 +6,7 @@ contract's status and stable ``error`` code (contract section 4)::
     GatewayError
     ├── BadRequest            400 bad_request
     ├── DecryptFailed         400 decrypt_failed
+    ├── UnknownApp            400 unknown_app
     ├── AuthError             401 (sends WWW-Authenticate)
     │   ├── TokenMissing      token_missing
     │   ├── TokenInvalid      token_invalid
@@ -14,6 +15,7 @@ contract's status and stable ``error`` code (contract section 4)::
     │   ├── SessionExpired    session_expired
     │   └── InvalidCode       invalid_code (WeChat 40029/40163)
     ├── WechatUserBlocked     403 wechat_user_blocked
+    ├── AppForbidden          403 app_forbidden
     ├── NoRoute               404 no_route
     ├── MethodNotAllowed      405 method_not_allowed
     ├── BodyTooLarge          413 body_too_large
@@ -62,6 +64,10 @@ class DecryptFailed(GatewayError):
     status, code, default_message = 400, "decrypt_failed", "The data could not be decrypted."
 
 
+class UnknownApp(GatewayError):
+    status, code, default_message = 400, "unknown_app", "This appid is not served here."
+
+
 class AuthError(GatewayError):
     status = 401
 
@@ -88,7 +94,8 @@ class TokenExpired(AuthError):
 
 
 class TokenRevoked(AuthError):
-    code, default_message = "token_revoked", "The token was revoked by a logout."
+    code = "token_revoked"
+    default_message = "The token was revoked (a logout, or every session of the user)."
 
 
 class SessionExpired(AuthError):
@@ -101,6 +108,11 @@ class InvalidCode(AuthError):
 
 class WechatUserBlocked(GatewayError):
     status, code, default_message = 403, "wechat_user_blocked", "WeChat refused this user."
+
+
+class AppForbidden(GatewayError):
+    status, code = 403, "app_forbidden"
+    default_message = "This route does not take tokens of this mini program."
 
 
 class NoRoute(GatewayError):

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
 from gateway.auth.identity import Identity, IdentityResolver, land
-from gateway.config import Config
+from gateway.auth.phones import MISSING
+from gateway.config import AppConfig, Config
 from gateway.config.model import AuthPolicy
 from gateway.config.reserved import is_reserved
-from gateway.errors import BadRequest, BodyTooLarge, DecryptFailed, SessionExpired
+from gateway.errors import (
+    AppForbidden,
+    BadRequest,
+    BodyTooLarge,
+    DecryptFailed,
+    SessionExpired,
+    UnknownApp,
+)
 from gateway.proxy.headers import HeaderRules
 from gateway.proxy.paths import BadPath, normalise, split_target
 from gateway.proxy.routing import Router
@@ -101,14 +109,19 @@ class AuthEndpoints:
     async def login(self, request: Request) -> web.StreamResponse:
         if self._login_limiter is not None:
             self._login_limiter.check_client(self._rules.client_ip(request.headers, request.remote))
-        code = string_field(await read_json_object(request), "code", MAX_CODE_LENGTH)
+        body = await read_json_object(request)
+        code = string_field(body, "code", MAX_CODE_LENGTH)
+        app = self._app_of(body)
         services = self._services
-        session = await services.wechat.code2session(code)
+        session = await services.wechat.code2session(app, code)
         user = await services.storage.upsert_login(
-            services.appid, session.openid, session.unionid, session.session_key, services.clock()
+            app.appid, session.openid, session.unionid, session.session_key, services.clock()
         )
-        token, claims = services.tokens.issue(user.openid, user.unionid, services.clock())
-        land(request, Identity(user.openid, user.unionid, claims.session_id, claims.expires_at))
+        services.phones.remember(user.appid, user.openid, user.phone_number)
+        token, claims = services.tokens.issue(
+            user.openid, user.unionid, services.clock(), appid=app.appid, epoch=user.epoch
+        )
+        land(request, claims)
         return web.json_response(
             {
                 "token": token,
@@ -119,6 +132,21 @@ class AuthEndpoints:
             }
         )
 
+    def _app_of(self, body: dict[str, Any]) -> AppConfig:
+        """The app a login is for: ``appid`` from the body, optional with one app."""
+        apps = self._config.wechat
+        if "appid" not in body or body["appid"] is None:
+            if len(apps.apps) > 1:
+                raise BadRequest("'appid' is required: this gateway serves several mini programs.")
+            return apps.default_app
+        appid = body["appid"]
+        if not isinstance(appid, str) or not appid.strip():
+            raise BadRequest("'appid' must be a non-empty string.")
+        app = apps.app(appid)
+        if app is None:
+            raise UnknownApp()
+        return app
+
     async def logout(self, request: Request) -> web.StreamResponse:
         who = self._identity.require(request)
         await self._services.sessions.revoke(who.session_id, who.expires_at)
@@ -127,7 +155,7 @@ class AuthEndpoints:
 
     async def me(self, request: Request) -> web.StreamResponse:
         who = self._identity.require(request)
-        user = await self._services.storage.get_user(self._services.appid, who.openid)
+        user = await self._services.storage.get_user(who.appid, who.openid)
         return web.json_response(
             {
                 "openid": who.openid,
@@ -142,7 +170,8 @@ class AuthEndpoints:
         if "code" in body:
             code = string_field(body, "code", MAX_CODE_LENGTH)
             wechat = self._services.wechat
-            info = await self._services.access_tokens.call(lambda t: wechat.phone_number(code, t))
+            tokens = self._services.access_tokens[who.appid]
+            info = await tokens.call(lambda t: wechat.phone_number(code, t))
         elif "encrypted_data" in body or "iv" in body:
             data = await self._decrypt(who, body)
             try:
@@ -169,6 +198,7 @@ class AuthEndpoints:
         or from anyone else, a valid token is required.
         """
         policy: AuthPolicy = "required"
+        route = None
         original = self._original_uri(request)
         if original is not None:
             try:
@@ -181,10 +211,25 @@ class AuthEndpoints:
         who = self._identity.identify(request, policy)
         if who is None:
             return web.json_response({"openid": None, "unionid": None})
-        headers = {self._rules.openid_header: who.openid}
+        if route is not None and route.apps is not None and who.appid not in route.apps:
+            # As the proxied request would be answered (a token of another app).
+            raise AppForbidden()
+        headers = {self._rules.openid_header: who.openid, self._rules.appid_header: who.appid}
         if who.unionid:
             headers[self._rules.unionid_header] = who.unionid
+        if self._rules.phone_header is not None:
+            phone = await self._phone_of(who)
+            if phone:
+                headers[self._rules.phone_header] = phone
+        # The bodies keep the contract's fields; the app is in X-AppId.
         return web.json_response({"openid": who.openid, "unionid": who.unionid}, headers=headers)
+
+    async def _phone_of(self, who: Identity) -> str | None:
+        phones = self._services.phones
+        cached = phones.cached(who.appid, who.openid)
+        if cached is MISSING:
+            return await phones.load(who.appid, who.openid)
+        return cast("str | None", cached)
 
     def _original_uri(self, request: Request) -> str | None:
         if not self._rules.is_trusted(request.remote):
@@ -203,12 +248,14 @@ class AuthEndpoints:
     async def _decrypt(self, who: Identity, body: dict[str, Any]) -> dict[str, Any]:
         encrypted = string_field(body, "encrypted_data", MAX_ENCRYPTED_LENGTH)
         iv = string_field(body, "iv", 64)
-        user = await self._services.storage.get_user(self._services.appid, who.openid)
+        user = await self._services.storage.get_user(who.appid, who.openid)
         if user is None or not user.session_key:
             raise SessionExpired()
         try:
+            # The watermark must name the token's app: data encrypted for another
+            # mini program of the same person is refused.
             data: dict[str, Any] = crypto.decrypt_payload(
-                user.session_key, encrypted, iv, self._config.wechat.appid
+                user.session_key, encrypted, iv, who.appid
             )
         except crypto.MalformedInput:
             raise BadRequest("encrypted_data or iv is not valid base64.") from None
@@ -217,6 +264,6 @@ class AuthEndpoints:
         return data
 
     async def _store_phone(self, who: Identity, info: PhoneInfo) -> None:
-        await self._services.storage.set_phone(
-            self._services.appid, who.openid, info.phone_number, self._services.clock()
-        )
+        services = self._services
+        await services.storage.set_phone(who.appid, who.openid, info.phone_number, services.clock())
+        services.phones.remember(who.appid, who.openid, info.phone_number)

@@ -5,6 +5,11 @@ Signing uses ``token.secret`` only; verification accepts it and every
 can be retired on a schedule instead of logging everyone out at once.
 Only HS256 is accepted: pyjwt is given the one algorithm explicitly, which
 rejects ``none`` and algorithm-confusion tricks.
+
+Claims beyond the registered ones: ``sid`` (the session, for logout), ``uid``
+(unionid), ``appid`` (the mini program; a token from a single-app release has
+none and belongs to the default app, the first configured) and ``epoch`` (the
+user's epoch at issue, when above 0: ``gateway users revoke`` bumps it).
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
-from gateway.config import Secret, TokenConfig
+from gateway.config import Config, Secret, TokenConfig
 from gateway.errors import TokenExpired, TokenInvalid, TokenMissing
 
 ALGORITHM = "HS256"
@@ -42,13 +48,18 @@ class Claims:
     session_id: str
     issued_at: int
     expires_at: int
+    appid: str
+    epoch: int = 0
 
 
 class TokenCodec:
     """Issues and verifies tokens with the keys compiled once from the config."""
 
-    def __init__(self, config: TokenConfig) -> None:
+    def __init__(self, config: TokenConfig, appids: Sequence[str]) -> None:
+        """``appids``: the configured apps, the default (first) one first."""
         self._config = config
+        self._default_appid = appids[0]
+        self._appids = frozenset(appids)
         self._signing_key = config.secret.reveal().encode()
         self._signing_kid = key_id(config.secret)
         self._keys: dict[str, bytes] = {
@@ -56,13 +67,29 @@ class TokenCodec:
         }
         self.ttl = int(config.ttl)
 
-    def issue(self, openid: str, unionid: str | None, now: float) -> tuple[str, Claims]:
+    @classmethod
+    def for_config(cls, config: Config) -> TokenCodec:
+        return cls(config.token, [app.appid for app in config.wechat.apps])
+
+    def issue(
+        self,
+        openid: str,
+        unionid: str | None,
+        now: float,
+        *,
+        appid: str | None = None,
+        epoch: int = 0,
+    ) -> tuple[str, Claims]:
+        """A token for ``openid`` of app ``appid`` (None: the default app)."""
+        appid = appid or self._default_appid
         claims = Claims(
             openid=openid,
             unionid=unionid,
             session_id=secrets.token_urlsafe(16),
             issued_at=int(now),
             expires_at=int(now) + self.ttl,
+            appid=appid,
+            epoch=epoch,
         )
         payload: dict[str, Any] = {
             "sub": claims.openid,
@@ -70,9 +97,12 @@ class TokenCodec:
             "iat": claims.issued_at,
             "exp": claims.expires_at,
             "sid": claims.session_id,
+            "appid": appid,
         }
         if unionid:
             payload["uid"] = unionid
+        if epoch:
+            payload["epoch"] = epoch
         token = jwt.encode(
             payload, self._signing_key, algorithm=ALGORITHM, headers={"kid": self._signing_kid}
         )
@@ -126,7 +156,14 @@ class TokenCodec:
         # sub and uid become header values upstream: no control characters, ever.
         if _CONTROL.search(sub) or (isinstance(uid, str) and _CONTROL.search(uid)):
             raise TokenInvalid()
-        return Claims(sub, uid if isinstance(uid, str) else None, sid, iat, exp)
+        appid = payload.get("appid", self._default_appid)
+        if not isinstance(appid, str) or appid not in self._appids:
+            # Signed by us, for an app no longer configured (or not a string).
+            raise TokenInvalid("The token's app is not configured.")
+        epoch = payload.get("epoch", 0)
+        if type(epoch) is not int or epoch < 0:
+            raise TokenInvalid()
+        return Claims(sub, uid if isinstance(uid, str) else None, sid, iat, exp, appid, epoch)
 
 
 class VerifiedTokens:

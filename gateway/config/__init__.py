@@ -9,6 +9,7 @@ the form the router compares). Nothing here runs per request.
 
 from gateway.config.loader import ConfigError, build_config, load_config
 from gateway.config.model import (
+    AppConfig,
     Config,
     IdentityConfig,
     RateLimitsConfig,
@@ -22,6 +23,7 @@ from gateway.config.model import (
 from gateway.config.units import Rate
 
 __all__ = [
+    "AppConfig",
     "Config",
     "ConfigError",
     "IdentityConfig",

@@ -9,10 +9,12 @@ back to a default. Values of secret keys are never echoed in a message.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -85,6 +87,38 @@ def _interpolate(value: Any, path: str, env: Mapping[str, str], errors: list[str
 
     result = _VAR.sub(substitute, value)
     return _UNSET if missing else result
+
+
+def _shield_references(text: str) -> tuple[str, dict[str, str]]:
+    """``text`` with each ``${...}`` replaced by a plain placeholder, and the map
+    back. The contract writes ``- {appid: ${SHOP_APPID}, ...}``, and in a YAML flow
+    mapping ``{`` and ``,`` are syntax: unshielded, that line is not YAML. The
+    references are still resolved after parsing (:func:`_interpolate`), as values,
+    so a variable's content never becomes YAML."""
+    nonce = secrets.token_hex(4)
+    refs: dict[str, str] = {}
+
+    def shield(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$$"
+        placeholder = f"wxgwref{len(refs)}x{nonce}"
+        refs[placeholder] = match.group(0)
+        return placeholder
+
+    return _VAR.sub(shield, text), refs
+
+
+def _unshield(value: Any, refs: Mapping[str, str]) -> Any:
+    if not refs:
+        return value
+    if isinstance(value, dict):
+        return {_unshield(k, refs): _unshield(v, refs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshield(v, refs) for v in value]
+    if isinstance(value, str) and "wxgwref" in value:
+        for placeholder, reference in refs.items():
+            value = value.replace(placeholder, reference)
+    return value
 
 
 def _join(path: str, key: str) -> str:
@@ -374,11 +408,72 @@ def _server(raw: Any, errors: list[str]) -> m.ServerConfig:
     return cfg
 
 
+# An appid is sent upstream in a header and names a row in storage: letters,
+# digits and a few separators (WeChat's own are "wx" and 16 hex digits).
+_APPID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_APP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _appid(value: Any) -> str:
+    text = _nonempty(value).strip()
+    if not _APPID.fullmatch(text):
+        raise ValueError(f"{text!r} is not an appid (letters, digits, '_', '.', '-')")
+    return text
+
+
+def _app_name(value: Any) -> str:
+    text = _nonempty(value).strip()
+    if not _APP_NAME.fullmatch(text):
+        raise ValueError(f"{text!r} is not a name (letters, digits, '_', '.', '-')")
+    return text
+
+
+def _app(raw: Any, path: str, errors: list[str]) -> tuple[m.AppConfig, bool]:
+    s = _Section(raw, path, errors)
+    before = len(errors)
+    app = m.AppConfig(
+        appid=s.get("appid", _appid),
+        secret=s.get("secret", _secret),
+        name=s.get("name", _app_name, None),
+    )
+    s.finish()
+    return app, len(errors) == before
+
+
+def _apps(raw: Any, errors: list[str]) -> tuple[m.AppConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        errors.append("wechat.apps: must be a non-empty list of {appid, secret, name}")
+        return ()
+    read = [_app(item, f"wechat.apps[{i}]", errors) for i, item in enumerate(raw)]
+    # An appid or a name may appear once across both: a route's `apps` entry must
+    # name exactly one app. Labels of an item with another bad key still count.
+    seen: dict[str, int] = {}
+    for i, (app, _) in enumerate(read):
+        for label in dict.fromkeys((app.appid, app.name)):
+            if label is None:
+                continue
+            if label in seen and seen[label] != i:
+                first = seen[label]
+                errors.append(f"wechat.apps[{i}]: {label!r} already names wechat.apps[{first}]")
+            seen.setdefault(label, i)
+    return tuple(app for app, ok in read if ok)
+
+
 def _wechat(raw: Any, errors: list[str]) -> m.WechatConfig:
     s = _Section(raw, "wechat", errors)
+    if "apps" in s.raw:
+        apps = _apps(s.raw["apps"], errors)
+        s.known.append("apps")
+        for key in ("appid", "secret"):
+            if key in s.raw:
+                s.known.append(key)
+                errors.append(f"wechat.{key}: give either appid/secret or apps, not both")
+    else:
+        # The single-app form: one app, without a name.
+        appid, secret = s.get("appid", _appid), s.get("secret", _secret)
+        apps = (m.AppConfig(appid, secret),) if appid and secret else ()
     cfg = m.WechatConfig(
-        appid=s.get("appid", _nonempty),
-        secret=s.get("secret", _secret),
+        apps=apps or (m.AppConfig("", m.Secret("")),),  # only seen if errors are raised
         api_base=s.get("api_base", _http_url, m.DEFAULT_WECHAT_API_BASE),
         timeout=s.get("timeout", _positive_duration, m.DEFAULT_WECHAT_TIMEOUT),
         fake=s.get("fake", _bool, False),
@@ -406,6 +501,8 @@ def _identity(raw: Any, errors: list[str]) -> m.IdentityConfig:
     cfg = m.IdentityConfig(
         openid_header=s.get("openid_header", _header_name, m.DEFAULT_OPENID_HEADER),
         unionid_header=s.get("unionid_header", _header_name, m.DEFAULT_UNIONID_HEADER),
+        appid_header=s.get("appid_header", _header_name, m.DEFAULT_APPID_HEADER),
+        phone_header=s.get("phone_header", _header_name, None),
     )
     s.finish()
     return cfg
@@ -422,9 +519,18 @@ def _route(raw: Any, path: str, default_max_body: int, errors: list[str]) -> m.R
         max_body=s.get("max_body", parse_size, None),
         websocket=s.get("websocket", _bool, False),
         rate_limit=s.get("rate_limit", parse_rate, None),
+        apps=s.get("apps", _app_labels, None),
     )
     s.finish()
     return cfg
+
+
+def _app_labels(value: Any) -> frozenset[str]:
+    """A route's ``apps`` as written (names or appids); resolved to appids by
+    :func:`_resolve_route_apps` once the apps are known."""
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of app names or appids")
+    return frozenset(_list_of(_app_name)(value))
 
 
 def _routes(raw: Any, default_max_body: int, errors: list[str]) -> tuple[m.RouteConfig, ...]:
@@ -456,15 +562,52 @@ def _cross_checks(cfg: m.Config, errors: list[str]) -> None:
     reserved = {"connection", "host", "content-length", "transfer-encoding", "upgrade", "cookie"}
     if token_ok and cfg.token.header.lower() in reserved:
         errors.append(f"token.header: {cfg.token.header!r} cannot carry the token")
-    if _reported(errors, "identity.openid_header") or _reported(errors, "identity.unionid_header"):
+    if any(e.startswith("identity.") for e in errors):
         return
-    identity = {cfg.identity.openid_header.lower(), cfg.identity.unionid_header.lower()}
-    if len(identity) == 1:
-        errors.append("identity.unionid_header: must differ from identity.openid_header")
-    if token_ok and cfg.token.header.lower().replace("_", "-") in {
-        h.replace("_", "-") for h in identity
-    }:
+    # Folded as the header rules fold them: `X_AppId` is `x-appid` to many backends.
+    seen: dict[str, str] = {}
+    for key in ("openid_header", "unionid_header", "appid_header", "phone_header"):
+        name = getattr(cfg.identity, key)
+        if name is None:
+            continue
+        folded = name.lower().replace("_", "-")
+        if folded in seen:
+            errors.append(f"identity.{key}: must differ from identity.{seen[folded]}")
+        seen.setdefault(folded, key)
+        if folded in reserved or folded in ("x-forwarded-for", "x-request-id", "forwarded"):
+            errors.append(f"identity.{key}: {name!r} is a header the gateway or HTTP owns")
+    if token_ok and cfg.token.header.lower().replace("_", "-") in seen:
         errors.append("token.header: must differ from the identity headers")
+
+
+def _resolve_route_apps(
+    routes: tuple[m.RouteConfig, ...], wechat: m.WechatConfig, errors: list[str]
+) -> tuple[m.RouteConfig, ...]:
+    """Each route's ``apps`` (names or appids) as appids; an unknown one is an error."""
+    by_label = {label: app.appid for app in wechat.apps for label in (app.appid, app.name) if label}
+    resolved = []
+    for i, route in enumerate(routes):
+        if route.apps is None:
+            resolved.append(route)
+            continue
+        unknown = sorted(label for label in route.apps if label not in by_label)
+        # Judged unless the apps themselves are unreadable (a bad timeout says
+        # nothing about which apps exist).
+        unreadable = any(_reported(errors, f"wechat.{k}") for k in ("apps", "appid", "secret"))
+        if unknown and not unreadable:
+            known = ", ".join(app.label for app in wechat.apps)
+            errors.append(
+                f"routes[{i}].apps: {', '.join(map(repr, unknown))} is not a configured app"
+                f" (apps: {known})"
+            )
+        if route.auth == "public":
+            errors.append(
+                f"routes[{i}].apps: a public route never reads the token; "
+                "use auth: required or optional"
+            )
+        appids = frozenset(by_label[label] for label in route.apps if label in by_label)
+        resolved.append(dataclasses.replace(route, apps=appids))
+    return tuple(resolved)
 
 
 def _reported(errors: list[str], key: str) -> bool:
@@ -502,6 +645,7 @@ def build_config(raw: Any, env: Mapping[str, str] | None = None) -> m.Config:
     no_routes: tuple[m.RouteConfig, ...] = ()
     routes = top.get("routes", lambda v: _routes(v, server.max_body, errors), no_routes)
     top.finish()
+    routes = _resolve_route_apps(routes, wechat, errors)
     cfg = m.Config(server, wechat, token, storage, identity, limits, routes, log)
     _cross_checks(cfg, errors)
     if errors:
@@ -513,7 +657,8 @@ def load_config(path: str, env: Mapping[str, str] | None = None) -> m.Config:
     """Read and validate ``path``; every problem is in the raised ConfigError."""
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.load(fh, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+            text, refs = _shield_references(fh.read())
+        raw = _unshield(yaml.load(text, Loader=_StrictLoader), refs)  # noqa: S506 - SafeLoader
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
     except yaml.YAMLError as exc:

@@ -38,6 +38,7 @@ DEFAULT_TOKEN_ISSUER = "wx-gateway"  # noqa: S105 - an issuer name
 DEFAULT_STORAGE_URL = "sqlite:///./gateway.db"
 DEFAULT_OPENID_HEADER = "X-OpenId"
 DEFAULT_UNIONID_HEADER = "X-UnionId"
+DEFAULT_APPID_HEADER = "X-AppId"
 DEFAULT_LOGIN_RATE = Rate(20, 1.0)
 DEFAULT_IPV6_PREFIX = 64
 DEFAULT_ROUTE_TIMEOUT = 30.0
@@ -110,12 +111,37 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class WechatConfig:
+class AppConfig:
+    """One mini program: its credentials, and the name routes may use for it."""
+
     appid: str
     secret: Secret
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.appid
+
+
+@dataclass(frozen=True, slots=True)
+class WechatConfig:
+    # At least one; the first is the default app, which owns tokens and data
+    # from before apps existed (contract section 9) and logins without appid.
+    apps: tuple[AppConfig, ...]
     api_base: str = DEFAULT_WECHAT_API_BASE
     timeout: float = DEFAULT_WECHAT_TIMEOUT
     fake: bool = False
+
+    @property
+    def default_app(self) -> AppConfig:
+        return self.apps[0]
+
+    def app(self, appid: str) -> AppConfig | None:
+        """The configured app ``appid``, or None (a handful of apps: a scan is enough)."""
+        for app in self.apps:
+            if app.appid == appid:
+                return app
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +163,14 @@ class StorageConfig:
 class IdentityConfig:
     openid_header: str = DEFAULT_OPENID_HEADER
     unionid_header: str = DEFAULT_UNIONID_HEADER
+    appid_header: str = DEFAULT_APPID_HEADER
+    # Off by default: a phone number is personal data (docs/security.md).
+    phone_header: str | None = None
+
+    def headers(self) -> tuple[str, ...]:
+        """Every identity header the gateway sets upstream (and strips from clients)."""
+        named = (self.openid_header, self.unionid_header, self.appid_header, self.phone_header)
+        return tuple(h for h in named if h)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +199,9 @@ class RouteConfig:
     max_body: int | None = None
     websocket: bool = False
     rate_limit: Rate | None = None
+    # The appids whose tokens the route takes (resolved from names at load);
+    # None: every configured app.
+    apps: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

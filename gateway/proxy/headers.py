@@ -92,12 +92,14 @@ class HeaderRules:
         ident = config.identity
         self.openid_header = ident.openid_header
         self.unionid_header = ident.unionid_header
+        self.appid_header = ident.appid_header
+        self.phone_header = ident.phone_header
         token_header = config.token.header
         self.token_header = token_header
         self.bearer = token_header.lower() == "authorization"
-        identity = {
-            fold(n) for n in (ident.openid_header, ident.unionid_header, "X-OpenId", "X-UnionId")
-        }
+        # The configured names and the defaults: a renamed header's default
+        # spelling must not reach an upstream that still reads it.
+        identity = {fold(n) for n in (*ident.headers(), "X-OpenId", "X-UnionId", "X-AppId")}
         # Folded names removed from every inbound request before anything is set.
         self._drop_in = frozenset(
             HOP_BY_HOP
@@ -110,6 +112,12 @@ class HeaderRules:
         self._drop_in_raw = frozenset(_enc(n) for n in self._drop_in)
         self._openid_prefix = _enc(ident.openid_header) + b": "
         self._unionid_prefix = _enc(ident.unionid_header) + b": "
+        self._appid_prefix = _enc(ident.appid_header) + b": "
+        # The X-AppId line of each configured app, built once: no encode per request.
+        self._appid_lines = {
+            app.appid: self._appid_prefix + _enc(app.appid) + b"\r\n" for app in config.wechat.apps
+        }
+        self._phone_prefix = _enc(ident.phone_header) + b": " if ident.phone_header else None
         self._drop_out = HOP_BY_HOP
         self._drop_out_raw = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length"}
         self._trusted = config.server.trusted_proxies
@@ -143,11 +151,20 @@ class HeaderRules:
         request_id: str,
         openid: str | None,
         unionid: str | None,
+        appid: str | None = None,
+        phone: str | None = None,
     ) -> CIMultiDict[str]:
         """:meth:`upstream_lines` for decoded headers (WebSocket handshakes)."""
         raw = tuple((_enc(k), _enc(v)) for k, v in inbound.items())
         lines = self.upstream_lines(
-            raw, peer=peer, scheme=scheme, request_id=request_id, openid=openid, unionid=unionid
+            raw,
+            peer=peer,
+            scheme=scheme,
+            request_id=request_id,
+            openid=openid,
+            unionid=unionid,
+            appid=appid,
+            phone=phone,
         )
         out: CIMultiDict[str] = CIMultiDict()
         for line in lines:
@@ -164,6 +181,8 @@ class HeaderRules:
         request_id: str,
         openid: str | None,
         unionid: str | None,
+        appid: str | None = None,
+        phone: str | None = None,
     ) -> list[bytes]:
         """The header lines sent upstream: inbound minus everything the gateway
         owns, then the gateway's own forwarded, request-id and identity headers.
@@ -208,6 +227,11 @@ class HeaderRules:
             out.append(self._openid_prefix + _enc(openid) + b"\r\n")
             if unionid:
                 out.append(self._unionid_prefix + _enc(unionid) + b"\r\n")
+            if appid:
+                line = self._appid_lines.get(appid)
+                out.append(line or self._appid_prefix + _enc(appid) + b"\r\n")
+            if phone and self._phone_prefix is not None:
+                out.append(self._phone_prefix + _enc(phone) + b"\r\n")
         return out
 
     def downstream_lines(

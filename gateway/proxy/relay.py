@@ -180,9 +180,9 @@ class Relay:
         lifetime = self._lifetime
         if lifetime is not None:
             unwatch = lifetime.revocations.watch(
-                lifetime.identity.session_id, lambda: self._policy(b"token revoked")
+                lifetime.identity, lambda: self._policy(b"token revoked")
             )
-            if lifetime.revocations.is_revoked(lifetime.identity.session_id):
+            if lifetime.revocations.is_revoked(lifetime.identity):
                 self._policy(b"token revoked")  # while the upstream handshake ran
         self._request.on_lost = self._client_lost
         tasks = [

@@ -80,6 +80,7 @@ class Route:
     balancer: Balancer
     config: RouteConfig
     limiter: RateLimiter | None  # per openid, or per client IP when anonymous
+    apps: frozenset[str] | None  # appids whose tokens the route takes; None: all
 
     def matches(self, path: str) -> bool:
         # Segment boundary (contract section 8): `/api` matches `/api` and `/api/x`
@@ -121,6 +122,7 @@ class Router:
             limiter=(
                 RateLimiter(cfg.rate_limit, ipv6_prefix=ipv6_prefix) if cfg.rate_limit else None
             ),
+            apps=cfg.apps,
         )
 
     def match(self, path: str) -> Route | None:

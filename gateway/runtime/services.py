@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from gateway.auth.phones import Phones
 from gateway.auth.revocations import Revocations
 from gateway.auth.tokens import TokenCodec
 from gateway.config import Config
@@ -42,22 +43,27 @@ class Services:
         self.config = config
         self.clock = clock
         self.metrics = metrics or Metrics()
-        self.tokens = TokenCodec(config.token)
+        self.tokens = TokenCodec.for_config(config)
         # The default app: data and tokens from before apps existed belong to it.
-        self.appid = config.wechat.appid
+        self.appid = config.wechat.default_app.appid
         self.storage = open_storage(config.storage.url, self.appid)
+        self.phones = Phones(self.storage)
         # Revoked ids are kept locally a bit longer than any token can live.
         retain = 2 * (config.token.ttl + config.token.leeway) + 60
-        self.sessions = Revocations(self.storage, clock, retain=retain)
+        self.sessions = Revocations(self.storage, clock, retain=retain, on_phone=self.phones.forget)
         self.wechat = WechatClient(config.wechat, observe=self.metrics.wechat_call)
-        self.access_tokens = AccessTokens(
-            self.wechat,
-            self.storage,
-            clock,
-            appid=self.appid,
-            lease_ttl=config.wechat.timeout + 1.0,
-            on_fetch=self._count_fetch,
-        )
+        # One shared access token per app: its own cache, lease and refetches.
+        self.access_tokens = {
+            app.appid: AccessTokens(
+                self.wechat,
+                self.storage,
+                clock,
+                app=app,
+                lease_ttl=config.wechat.timeout + 1.0,
+                on_fetch=self._count_fetch,
+            )
+            for app in config.wechat.apps
+        }
         self._stack = contextlib.AsyncExitStack()
 
     async def start(self) -> None:
@@ -78,12 +84,10 @@ class Services:
         from gateway.wechat import fake
 
         log.warning(FAKE_WARNING)
-        runner = web.AppRunner(
-            fake.create_app(
-                appid=self.config.wechat.appid, secret=self.config.wechat.secret.reveal()
-            ),
-            access_log=None,
-        )
+        # Every configured app, in config order: the fake's first app keeps the
+        # openids of the single-app fake, so the default app's users stay the same.
+        apps = {app.appid: app.secret.reveal() for app in self.config.wechat.apps}
+        runner = web.AppRunner(fake.create_app(apps=apps), access_log=None)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
         # Bind the socket ourselves to learn the ephemeral port the fake got.

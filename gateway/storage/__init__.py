@@ -9,6 +9,20 @@ May import: the standard library and aiosqlite; nothing else of the gateway,
 so any side can hold a store and a second backend needs only this package.
 """
 
-from gateway.storage.base import AccessToken, Storage, StorageError, UserRecord
+from gateway.storage.base import (
+    PHONE_EVENT_RETAIN,
+    AccessToken,
+    Storage,
+    StorageError,
+    UserEvent,
+    UserRecord,
+)
 
-__all__ = ["AccessToken", "Storage", "StorageError", "UserRecord"]
+__all__ = [
+    "PHONE_EVENT_RETAIN",
+    "AccessToken",
+    "Storage",
+    "StorageError",
+    "UserEvent",
+    "UserRecord",
+]

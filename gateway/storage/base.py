@@ -12,12 +12,25 @@ app) and the WeChat access token is one per appid. ``unionid`` is the one key
 that crosses apps: :meth:`Storage.users_by_unionid` finds a person's records in
 every app. Revocations are keyed by session id alone: a session id is random and
 belongs to one token, whatever its app.
+
+Revoking every session of one user (a ban) does not list its tokens, which the
+gateway never stores: each user record has an ``epoch``, copied into every token
+issued to it, and :meth:`Storage.revoke_user` increments it, so every token of an
+older epoch is refused and the next login's token (new epoch) works. Workers learn
+of bans, and of phone numbers that changed, from one feed of user events polled
+like the revocations (:meth:`Storage.user_events_since`). Epochs compare exactly,
+where issue times would be at the mercy of clocks on different machines.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Literal
+
+# How long a ``phone`` event stays in the feed: far longer than any worker's poll
+# interval, so a worker that was busy for a while still sees it.
+PHONE_EVENT_RETAIN = 3600.0
 
 
 class StorageError(Exception):
@@ -35,14 +48,32 @@ class UserRecord:
     phone_number: str | None
     created_at: float
     last_login_at: float
+    # Tokens carry the epoch they were issued in; revoke_user increments it.
+    epoch: int = 0
 
     def __repr__(self) -> str:
         return (
             f"UserRecord(appid={self.appid!r}, openid={self.openid!r}, "
             f"unionid={self.unionid!r}, "
             f"session_key=<hidden>, phone_number={self.phone_number!r}, "
-            f"created_at={self.created_at!r}, last_login_at={self.last_login_at!r})"
+            f"created_at={self.created_at!r}, last_login_at={self.last_login_at!r}, "
+            f"epoch={self.epoch!r})"
         )
+
+
+UserEventKind = Literal["revoke", "phone"]
+
+
+@dataclass(frozen=True, slots=True)
+class UserEvent:
+    """Something workers must learn about a user: ``revoke`` (every token of an
+    epoch below ``epoch`` is revoked) or ``phone`` (the stored phone number changed;
+    ``epoch`` is the record's current one)."""
+
+    kind: UserEventKind
+    appid: str
+    openid: str
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +123,21 @@ class Storage(abc.ABC):
     async def users_by_unionid(self, unionid: str) -> list[UserRecord]:
         """One person's records in every app, ordered by (appid, openid); [] if none."""
 
+    @abc.abstractmethod
+    async def revoke_user(
+        self, appid: str, openid: str, now: float, until: float
+    ) -> UserRecord | None:
+        """Revoke every session of one user: increment the record's epoch and append a
+        ``revoke`` event (kept until ``until``, when every older token has expired), in
+        one transaction. Returns the updated record, or None (nothing written) when
+        there is no such user."""
+
+    @abc.abstractmethod
+    async def user_events_since(self, cursor: int) -> tuple[list[UserEvent], int]:
+        """User events appended after ``cursor``, oldest first, and the new cursor.
+        ``cursor=0`` returns every event still stored. ``set_phone`` appends a
+        ``phone`` event in the same transaction as the number."""
+
     # -- sessions ----------------------------------------------------------
     @abc.abstractmethod
     async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
@@ -105,7 +151,9 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def purge_expired(self, now: float) -> int:
-        """Drop revocations whose token has expired; returns how many."""
+        """Drop revocations whose token has expired, and user events past their
+        ``until`` (a ``phone`` event is kept for PHONE_EVENT_RETAIN); returns how
+        many rows went."""
 
     # -- WeChat access tokens: one per app, shared by all workers ----------
     @abc.abstractmethod

@@ -31,7 +31,15 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from gateway.storage import files, schema
-from gateway.storage.base import AccessToken, Storage, StorageError, UserRecord
+from gateway.storage.base import (
+    PHONE_EVENT_RETAIN,
+    AccessToken,
+    Storage,
+    StorageError,
+    UserEvent,
+    UserEventKind,
+    UserRecord,
+)
 from gateway.storage.schema import SCHEMA_VERSION
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "sqlite_path_from_url"]
@@ -47,16 +55,18 @@ MEMORY = ":memory:"
 _URL_PREFIX = "sqlite:///"
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
-_UPSERT_LOGIN = """INSERT INTO users
+_USER_COLUMNS = (
+    "appid, openid, unionid, session_key, phone_number, created_at, last_login_at, epoch"
+)
+_UPSERT_LOGIN = f"""INSERT INTO users
     (appid, openid, unionid, session_key, phone_number, created_at, last_login_at)
     VALUES (?, ?, ?, ?, NULL, ?, ?)
     ON CONFLICT (appid, openid) DO UPDATE SET
         unionid = COALESCE(excluded.unionid, users.unionid),
         session_key = excluded.session_key,
         last_login_at = excluded.last_login_at
-    RETURNING appid, openid, unionid, session_key, phone_number, created_at, last_login_at"""
-_SELECT_USERS = """SELECT
-    appid, openid, unionid, session_key, phone_number, created_at, last_login_at FROM users"""
+    RETURNING {_USER_COLUMNS}"""  # noqa: S608 (constants only)
+_SELECT_USERS = f"SELECT {_USER_COLUMNS} FROM users"  # noqa: S608 (constants only)
 _SELECT_USER = _SELECT_USERS + " WHERE appid = ? AND openid = ?"
 _SELECT_BY_UNIONID = _SELECT_USERS + " WHERE unionid = ? ORDER BY appid, openid"
 # An upsert, not an UPDATE: if the record is gone (a wiped database while the
@@ -64,7 +74,15 @@ _SELECT_BY_UNIONID = _SELECT_USERS + " WHERE unionid = ? ORDER BY appid, openid"
 _SET_PHONE = """INSERT INTO users
     (appid, openid, unionid, session_key, phone_number, created_at, last_login_at)
     VALUES (?, ?, NULL, NULL, ?, ?, ?)
-    ON CONFLICT (appid, openid) DO UPDATE SET phone_number = excluded.phone_number"""
+    ON CONFLICT (appid, openid) DO UPDATE SET phone_number = excluded.phone_number
+    RETURNING epoch"""
+# A ban leaves every other column alone: the next login finds the record intact,
+# at the new epoch (upsert_login never touches epoch).
+_REVOKE_USER = f"""UPDATE users SET epoch = epoch + 1 WHERE appid = ? AND openid = ?
+    RETURNING {_USER_COLUMNS}"""  # noqa: S608 (constants only)
+_INSERT_EVENT = """INSERT INTO user_events (kind, appid, openid, epoch, until)
+    VALUES (?, ?, ?, ?, ?)"""
+_KINDS: dict[str, UserEventKind] = {"revoke": "revoke", "phone": "phone"}
 
 
 def sqlite_path_from_url(url: str) -> str:
@@ -208,7 +226,15 @@ class SQLiteStorage(Storage):
         return await self._run("get_user", get, write=False)
 
     async def set_phone(self, appid: str, openid: str, phone_number: str, now: float) -> None:
-        await self._write("set_phone", _SET_PHONE, (appid, openid, phone_number, now, now))
+        # One transaction: a worker that sees the event reads the new number, and
+        # a number is never stored without the event that tells workers of it.
+        async def store(conn: aiosqlite.Connection) -> None:
+            rows = await conn.execute_fetchall(_SET_PHONE, (appid, openid, phone_number, now, now))
+            epoch = next(iter(rows))["epoch"]
+            until = now + PHONE_EVENT_RETAIN
+            await conn.execute(_INSERT_EVENT, ("phone", appid, openid, epoch, until))
+
+        await self._run("set_phone", store)
 
     async def users_by_unionid(self, unionid: str) -> list[UserRecord]:
         async def find(conn: aiosqlite.Connection) -> list[UserRecord]:
@@ -216,6 +242,34 @@ class SQLiteStorage(Storage):
             return [_user(row) for row in rows]
 
         return await self._run("users_by_unionid", find, write=False)
+
+    async def revoke_user(
+        self, appid: str, openid: str, now: float, until: float
+    ) -> UserRecord | None:
+        # ``now`` is not stored: the feed keeps ``until`` only (a backend with
+        # TTLs uses both).
+        async def revoke(conn: aiosqlite.Connection) -> UserRecord | None:
+            rows = list(await conn.execute_fetchall(_REVOKE_USER, (appid, openid)))
+            if not rows:
+                return None  # nothing updated, so no event: COMMIT writes nothing
+            user = _user(rows[0])
+            await conn.execute(_INSERT_EVENT, ("revoke", appid, openid, user.epoch, until))
+            return user
+
+        return await self._run("revoke_user", revoke)
+
+    async def user_events_since(self, cursor: int) -> tuple[list[UserEvent], int]:
+        async def since(conn: aiosqlite.Connection) -> tuple[list[UserEvent], int]:
+            rows = list(
+                await conn.execute_fetchall(
+                    "SELECT id, kind, appid, openid, epoch FROM user_events "
+                    "WHERE id > ? ORDER BY id",
+                    (cursor,),
+                )
+            )
+            return _events(rows), (rows[-1]["id"] if rows else cursor)
+
+        return await self._run("user_events_since", since, write=False)
 
     # -- sessions ----------------------------------------------------------
     async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
@@ -239,9 +293,17 @@ class SQLiteStorage(Storage):
         return await self._run("revoked_since", since, write=False)
 
     async def purge_expired(self, now: float) -> int:
-        return await self._write(
-            "purge_expired", "DELETE FROM revocations WHERE expires_at < ?", (now,)
-        )
+        async def purge(conn: aiosqlite.Connection) -> int:
+            gone = 0
+            for sql in (
+                "DELETE FROM revocations WHERE expires_at < ?",
+                "DELETE FROM user_events WHERE until < ?",
+            ):
+                async with conn.execute(sql, (now,)) as cursor:
+                    gone += cursor.rowcount
+            return gone
+
+        return await self._run("purge_expired", purge)
 
     # -- WeChat access token -----------------------------------------------
     async def get_access_token(self, appid: str) -> AccessToken | None:
@@ -359,7 +421,22 @@ def _user(row: sqlite3.Row) -> UserRecord:
         phone_number=row["phone_number"],
         created_at=row["created_at"],
         last_login_at=row["last_login_at"],
+        epoch=row["epoch"],
     )
+
+
+def _events(rows: list[sqlite3.Row]) -> list[UserEvent]:
+    events = []
+    for row in rows:
+        kind = _KINDS.get(row["kind"])
+        if kind is None:
+            # A kind this release does not know (a later release's, written during
+            # a rolling upgrade) is skipped, not raised: one such row must not
+            # wedge every worker's poll.
+            log.warning("storage: skipping user event %d of unknown kind", row["id"])
+            continue
+        events.append(UserEvent(kind, row["appid"], row["openid"], row["epoch"]))
+    return events
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:

@@ -17,6 +17,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from gateway.config import AppConfig
 from gateway.errors import WechatError, WechatTimeout
 from gateway.storage import AccessToken, Storage
 from gateway.wechat.client import AccessTokenRejected, WechatClient
@@ -42,12 +43,13 @@ class AccessTokens:
         storage: Storage,
         clock: Callable[[], float],
         *,
-        appid: str,
+        app: AppConfig,
         lease_ttl: float,
         on_fetch: Callable[[str], None] | None = None,
     ) -> None:
-        self.appid = appid
-        self._lease = lease_name(appid)
+        self.app = app
+        self.appid = app.appid
+        self._lease = lease_name(app.appid)
         self._client = client
         self._on_fetch = on_fetch  # called with "refresh" (rejected token) or "expired"
         self._storage = storage
@@ -95,7 +97,7 @@ class AccessTokens:
         self.fetches += 1
         if self._on_fetch is not None:
             self._on_fetch("refresh" if force else "expired")
-        token, expires_in = await self._client.stable_token(force_refresh=force)
+        token, expires_in = await self._client.stable_token(self.app, force_refresh=force)
         margin = min(MAX_MARGIN, expires_in / 10)
         entry = AccessToken(token, self._clock() + expires_in - margin)
         await self._storage.put_access_token(self.appid, entry)

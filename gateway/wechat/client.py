@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.config import WechatConfig
+from gateway.config import AppConfig, WechatConfig
 from gateway.errors import (
     GatewayError,
     InvalidCode,
@@ -195,13 +195,13 @@ class WechatClient:
         raise_for_errcode(payload, uses_access_token=uses_access_token)
         return payload
 
-    async def code2session(self, code: str) -> WechatSession:
+    async def code2session(self, app: AppConfig, code: str) -> WechatSession:
         payload = await self.call(
             "GET",
             "/sns/jscode2session",
             params={
-                "appid": self._config.appid,
-                "secret": self._config.secret.reveal(),
+                "appid": app.appid,
+                "secret": app.secret.reveal(),
                 "js_code": code,
                 "grant_type": "authorization_code",
             },
@@ -212,14 +212,14 @@ class WechatClient:
             shapes.optional_identifier(payload.get("unionid"), "unionid"),
         )
 
-    async def stable_token(self, force_refresh: bool) -> tuple[str, int]:
+    async def stable_token(self, app: AppConfig, force_refresh: bool) -> tuple[str, int]:
         payload = await self.call(
             "POST",
             "/cgi-bin/stable_token",
             body={
                 "grant_type": "client_credential",
-                "appid": self._config.appid,
-                "secret": self._config.secret.reveal(),
+                "appid": app.appid,
+                "secret": app.secret.reveal(),
                 "force_refresh": force_refresh,
             },
         )

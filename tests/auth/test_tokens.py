@@ -35,7 +35,7 @@ from gateway.config import Secret, TokenConfig
 from gateway.errors import TokenExpired, TokenInvalid, TokenMissing
 from gateway.wechat import fake
 from tests.support.errors import assert_error
-from tests.support.gateway import TOKEN_SECRET, Running, StartGateway
+from tests.support.gateway import APPID, TOKEN_SECRET, Running, StartGateway
 from tests.support.rawhttp import Response, request
 from tests.support.upstream import Recorder
 
@@ -571,7 +571,8 @@ def codec(
             ttl=ttl,
             issuer=issuer,
             leeway=leeway,
-        )
+        ),
+        [APPID],
     )
 
 
@@ -595,6 +596,7 @@ def test_codec_issue(unionid: str | None) -> None:
         "iat": int(now),
         "exp": int(now) + 7200,
         "sid": issued.session_id,
+        "appid": APPID,  # the default app's, when none is named
     }
     if unionid:
         expected["uid"] = unionid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,7 @@ def test_interpolation_with_defaults_and_escapes() -> None:
     cfg = build_config(raw, env={"HOST": "127.0.0.2", "APPID": "wxabc", "WXPORT": "7"})
     assert cfg.server.host == "127.0.0.2"
     assert cfg.server.port == 8181
-    assert cfg.wechat.appid == "pre-wxabc-post"
+    assert cfg.wechat.default_app.appid == "pre-wxabc-post"
     assert cfg.wechat.api_base == "http://127.0.0.1:7"
     assert cfg.token.issuer == "${NOT_A_VAR}"
 
@@ -289,7 +290,7 @@ def test_secrets_never_in_messages_or_repr() -> None:
     raw["token"]["secret"] = SECRET
     cfg = build_config(raw, env={})
     assert wechat_secret not in repr(cfg) and SECRET not in repr(cfg)
-    assert wechat_secret not in str(cfg.wechat.secret)
+    assert wechat_secret not in str(cfg.wechat.default_app.secret)
     raw["token"]["secret"] = "tooshort-secret"
     raw["token"]["previous_secrets"] = ["also-short-secret"]
     found = "\n".join(problems(raw))
@@ -362,3 +363,36 @@ def test_websocket_keys_have_documented_defaults_and_parse() -> None:
 def test_websocket_keys_are_validated(server: dict[str, Any], expected: str) -> None:
     found = problems(minimal(server=server))
     assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_references_inside_a_flow_mapping_load_as_the_contract_writes_them(
+    tmp_path: Path,
+) -> None:
+    # Contract section 9 writes `- {appid: ${SHOP_APPID}, ...}`: in a YAML flow
+    # mapping `{` is syntax, so the references are shielded while parsing and
+    # still resolved as values afterwards (a value never becomes YAML).
+    path = tmp_path / "apps.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            wechat:
+              apps:
+                - {appid: ${SHOP_APPID}, secret: ${SHOP_SECRET}, name: shop}
+                - {appid: ${CARD_APPID:-wxcard}, secret: "${CARD_SECRET}", name: card}
+            token: {secret: "$${not-a-reference}-0123456789abcdef0123456789abcdef"}
+            routes:
+              - {prefix: /shop/, upstream: "http://127.0.0.1:9001", apps: [shop]}
+            """
+        )
+    )
+    env = {"SHOP_APPID": "wxshop", "SHOP_SECRET": "a, b: {c}", "CARD_SECRET": "s2"}
+    cfg = load_config(str(path), env=env)
+    assert [(a.appid, a.name) for a in cfg.wechat.apps] == [("wxshop", "shop"), ("wxcard", "card")]
+    assert cfg.wechat.apps[0].secret.reveal() == "a, b: {c}"  # a value, not YAML
+    assert cfg.token.secret.reveal().startswith("${not-a-reference}")
+    assert cfg.routes[0].apps == frozenset({"wxshop"})
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), env={"SHOP_APPID": "wxshop", "CARD_SECRET": "s2"})
+    assert err.value.problems == [
+        "wechat.apps[0].secret: environment variable SHOP_SECRET is not set (and has no :-default)"
+    ]

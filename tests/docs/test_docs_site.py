@@ -100,7 +100,8 @@ def test_upstream_guides_read_every_identity_header_in_every_framework() -> None
     sections = dict(re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", text, re.S | re.M))
     for framework in ("Spring Boot", "Express (Node.js)", "Flask", "FastAPI", "Go (net/http)"):
         code = "".join(re.findall(r"```\w+\n(.*?)```", sections[framework], re.S))
-        for header in ("X-OpenId", "X-UnionId", "X-Request-Id"):
+        # X-AppId with X-OpenId: an openid is unique only inside its app.
+        for header in ("X-OpenId", "X-UnionId", "X-AppId", "X-Request-Id"):
             assert header in code, f"{framework} does not read {header}"
     why = sections["Why an upstream must be reachable only through the gateway"]
     for measure in ("loopback", "Firewall", "mutual TLS", "shared-secret header"):

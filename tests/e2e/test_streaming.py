@@ -137,7 +137,7 @@ async def spawn(
         )
         process = await spawn_process(tmp_path, raw, name=f"gateway-{len(started)}")
         started.append(process)
-        return GatewayProc(process.url, process, TokenCodec(build_config(raw, env={}).token))
+        return GatewayProc(process.url, process, TokenCodec.for_config(build_config(raw, env={})))
 
     yield start
     for process in started:

@@ -451,7 +451,7 @@ def test_custom_token_header_leaves_authorization_alone(inbound: list[tuple[str,
 # ===================================================================================
 
 NOW = 1_800_000_000.0
-CODEC = TokenCodec(DEFAULT_CONFIG.token)
+CODEC = TokenCodec.for_config(DEFAULT_CONFIG)
 VALID, VALID_CLAIMS = CODEC.issue("o-valid-user", "u-valid", NOW)
 TOKEN_ERRORS = (TokenInvalid, TokenExpired)
 KEY = TOKEN_SECRET.encode()

@@ -480,7 +480,7 @@ async def test_relay_memory_is_bounded_toward_a_non_reading_upstream(
 
 def _token(raw: dict[str, Any], openid: str = "o-proc") -> str:
     config = build_config(raw, env={})
-    return TokenCodec(config.token).issue(openid, None, time.time())[0]
+    return TokenCodec.for_config(config).issue(openid, None, time.time())[0]
 
 
 async def test_sigterm_closes_open_websockets_with_1001_within_the_grace(

@@ -56,7 +56,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.proxy.paths import BadPath, normalise, split_target
-from tests.support.gateway import Running, StartGateway
+from tests.support.gateway import APPID, Running, StartGateway
 from tests.support.headers import fold
 from tests.support.rawupstream import RawUpstream
 from tests.support.waiting import until
@@ -116,6 +116,7 @@ OWNED = frozenset(
         b"x-request-id",
         b"x-openid",
         b"x-unionid",
+        b"x-appid",
         b"content-length",
         b"transfer-encoding",
     }
@@ -715,6 +716,8 @@ SPECIAL = [
     ("X-OpenId", "o-forged"),
     ("X_OpenId", "o-forged"),
     ("X-UnionId", "u-forged"),
+    ("X-AppId", "wx-forged"),
+    ("X_AppId", "wx-forged"),
     ("X-Request-Id", "req-client-1"),
     ("X-Request-Id", "not valid!"),
     ("X_Request_Id", "req-underscore"),
@@ -914,10 +917,10 @@ def check_forwarded(
 
     # Identity: only from this request's own token, only where the route checks one.
     valid = values(seen.headers, b"authorization") == [f"Bearer {h.token}".encode()]
-    identity = own(b"x-openid") + own(b"x-unionid")
+    identity = own(b"x-openid") + own(b"x-unionid") + own(b"x-appid")
     if route == "private" and not valid:
         say(IdentityLeak, f"{where}: reached an auth-required route without a token of its own")
-    want_identity = [ALICE.encode()] if route == "private" and valid else []
+    want_identity = [ALICE.encode(), APPID.encode()] if route == "private" and valid else []
     if identity != want_identity:
         say(IdentityLeak, f"{where}: identity headers {identity}, expected {want_identity}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.storage import AccessToken, Storage, StorageError
+from gateway.storage import PHONE_EVENT_RETAIN, AccessToken, Storage, StorageError, UserEvent
 from gateway.storage.sqlite import SCHEMA_VERSION, SQLiteStorage, sqlite_path_from_url
 from gateway.wechat.access_token import lease_name
 from tests.support import ROOT
@@ -195,6 +195,149 @@ async def test_each_apps_token_lease_is_independent(storage: Storage) -> None:
     assert await storage.acquire_lease(b, "worker-1", ttl=10.0, now=1.0)
 
 
+# -- revoking a user: epochs and the user-event feed ----------------------------
+
+
+async def test_epoch_starts_at_zero_and_revoke_user_increments_it(storage: Storage) -> None:
+    first = await storage.upsert_login(APP, "o-1", "u-1", "key-1", now=1.0)
+    assert first.epoch == 0
+    await storage.set_phone(APP, "o-1", "13800138000", now=2.0)
+
+    revoked = await storage.revoke_user(APP, "o-1", now=3.0, until=500.0)
+    assert revoked is not None
+    assert revoked.epoch == 1
+    # Only the epoch moved: the record is otherwise what it was.
+    assert (
+        revoked.appid,
+        revoked.openid,
+        revoked.unionid,
+        revoked.session_key,
+        revoked.phone_number,
+        revoked.created_at,
+        revoked.last_login_at,
+    ) == (APP, "o-1", "u-1", "key-1", "13800138000", 1.0, 1.0)
+    assert await storage.get_user(APP, "o-1") == revoked
+    second = await storage.revoke_user(APP, "o-1", now=4.0, until=500.0)
+    assert second is not None and second.epoch == 2
+
+
+async def test_a_login_after_a_revoke_keeps_the_new_epoch(storage: Storage) -> None:
+    await storage.upsert_login(APP, "o-1", None, "key-1", now=1.0)
+    await storage.revoke_user(APP, "o-1", now=2.0, until=500.0)
+    # The login after a ban issues tokens of the new epoch, so it must not reset it.
+    again = await storage.upsert_login(APP, "o-1", None, "key-2", now=3.0)
+    assert (again.epoch, again.session_key) == (1, "key-2")
+    user = await storage.get_user(APP, "o-1")
+    assert user is not None and user.epoch == 1
+    # Nor does a phone number.
+    await storage.set_phone(APP, "o-1", "13800138000", now=4.0)
+    user = await storage.get_user(APP, "o-1")
+    assert user is not None and user.epoch == 1
+
+
+async def test_revoking_an_unknown_user_writes_nothing(storage: Storage) -> None:
+    assert await storage.revoke_user(APP, "nobody", now=1.0, until=500.0) is None
+    assert await storage.get_user(APP, "nobody") is None
+    assert await storage.user_events_since(0) == ([], 0)
+    # The same openid known in another app only is still unknown in this one.
+    await storage.upsert_login(OTHER_APP, "o-1", None, "key-b", now=1.0)
+    assert await storage.revoke_user(APP, "o-1", now=2.0, until=500.0) is None
+    assert await storage.user_events_since(0) == ([], 0)
+
+
+async def test_revoking_a_user_in_one_app_leaves_the_other_app_alone(storage: Storage) -> None:
+    await storage.upsert_login(APP, "o-1", "u-1", "key-a", now=1.0)
+    other = await storage.upsert_login(OTHER_APP, "o-1", "u-1", "key-b", now=1.0)
+    revoked = await storage.revoke_user(APP, "o-1", now=2.0, until=500.0)
+    assert revoked is not None and (revoked.appid, revoked.epoch) == (APP, 1)
+    assert await storage.get_user(OTHER_APP, "o-1") == other
+    events, _ = await storage.user_events_since(0)
+    assert events == [UserEvent("revoke", APP, "o-1", 1)]
+
+
+async def test_user_events_are_ordered_behind_a_monotonic_cursor(storage: Storage) -> None:
+    await storage.upsert_login(APP, "o-1", None, "k", now=1.0)
+    await storage.upsert_login(OTHER_APP, "o-2", None, "k", now=1.0)
+    assert await storage.user_events_since(0) == ([], 0)
+
+    await storage.revoke_user(APP, "o-1", now=2.0, until=500.0)
+    await storage.set_phone(OTHER_APP, "o-2", "13800138000", now=3.0)
+    await storage.revoke_user(APP, "o-1", now=4.0, until=500.0)
+    everything, cursor = await storage.user_events_since(0)
+    assert everything == [
+        UserEvent("revoke", APP, "o-1", 1),
+        UserEvent("phone", OTHER_APP, "o-2", 0),
+        UserEvent("revoke", APP, "o-1", 2),
+    ]
+    assert cursor > 0
+    assert await storage.user_events_since(cursor) == ([], cursor)
+
+    # Read part way: the rest comes after that cursor, and the cursor only grows.
+    first = await storage.user_events_since(0)
+    await storage.revoke_user(OTHER_APP, "o-2", now=5.0, until=500.0)
+    newer, later = await storage.user_events_since(cursor)
+    assert newer == [UserEvent("revoke", OTHER_APP, "o-2", 1)]
+    assert later > cursor
+    assert (await storage.user_events_since(0))[0] == [*first[0], *newer]
+
+
+async def test_set_phone_appends_a_phone_event(storage: Storage) -> None:
+    await storage.upsert_login(APP, "o-1", None, "k", now=1.0)
+    await storage.revoke_user(APP, "o-1", now=2.0, until=500.0)
+    _, cursor = await storage.user_events_since(0)
+
+    await storage.set_phone(APP, "o-1", "13800138000", now=3.0)
+    # A user the store had lost gets its record back, and workers hear of it too.
+    await storage.set_phone(OTHER_APP, "o-new", "13900000000", now=4.0)
+    events, _ = await storage.user_events_since(cursor)
+    assert events == [
+        UserEvent("phone", APP, "o-1", 1),  # the record's current epoch
+        UserEvent("phone", OTHER_APP, "o-new", 0),
+    ]
+
+
+async def test_purge_drops_expired_user_events_only(storage: Storage) -> None:
+    await storage.upsert_login(APP, "o-1", None, "k", now=1.0)
+    await storage.upsert_login(APP, "o-2", None, "k", now=1.0)
+    await storage.revoke_user(APP, "o-1", now=2.0, until=100.0)
+    await storage.revoke_user(APP, "o-2", now=2.0, until=150.0)
+    await storage.set_phone(APP, "o-2", "13800138000", now=10.0)  # until 10 + RETAIN
+    await storage.revoke_session("s-1", expires_at=120.0, now=2.0)
+    events, cursor = await storage.user_events_since(0)
+    assert len(events) == 3
+
+    # At 150 the first ban's event (until 100) and the revocation (120) are gone;
+    # an event whose until is now is still kept, as revocations are.
+    assert await storage.purge_expired(now=150.0) == 2
+    assert (await storage.user_events_since(0))[0] == [
+        UserEvent("revoke", APP, "o-2", 1),
+        UserEvent("phone", APP, "o-2", 1),
+    ]
+    assert await storage.purge_expired(now=150.0) == 0
+    # The phone event outlives the ban's, and goes once PHONE_EVENT_RETAIN has passed.
+    assert await storage.purge_expired(now=10.0 + PHONE_EVENT_RETAIN) == 1
+    assert (await storage.user_events_since(0))[0] == [UserEvent("phone", APP, "o-2", 1)]
+    assert await storage.purge_expired(now=10.5 + PHONE_EVENT_RETAIN) == 1
+    assert (await storage.user_events_since(0))[0] == []
+    assert await storage.user_events_since(cursor) == ([], cursor)
+    # Purging never moves the cursor back: the next event is after it.
+    await storage.revoke_user(APP, "o-1", now=20.0, until=5000.0 + PHONE_EVENT_RETAIN)
+    newer, later = await storage.user_events_since(cursor)
+    assert newer == [UserEvent("revoke", APP, "o-1", 2)]
+    assert later > cursor
+    # Users are never purged with their events.
+    user = await storage.get_user(APP, "o-2")
+    assert user is not None and (user.epoch, user.phone_number) == (1, "13800138000")
+
+
+async def test_a_revoked_record_never_shows_the_session_key(storage: Storage) -> None:
+    await storage.upsert_login(APP, "o-1", None, "sEcReT-session-key", now=1.0)
+    revoked = await storage.revoke_user(APP, "o-1", now=2.0, until=500.0)
+    assert revoked is not None and revoked.session_key == "sEcReT-session-key"
+    assert "sEcReT" not in repr(revoked)
+    assert "sEcReT" not in repr(await storage.user_events_since(0))
+
+
 # -- revocations --------------------------------------------------------------
 
 
@@ -284,6 +427,7 @@ async def test_data_survives_close_and_reopen(make_storage: Factory) -> None:
     await store.set_phone(APP, "o-1", "13800138000", now=2.0)
     await store.revoke_session("s-1", expires_at=100.0, now=1.0)
     await store.put_access_token(APP, AccessToken("tok", 50.0))
+    await store.revoke_user(APP, "o-1", now=3.0, until=500.0)
     await store.close()
 
     again = make_storage()
@@ -298,6 +442,11 @@ async def test_data_survives_close_and_reopen(make_storage: Factory) -> None:
         )
         assert (await again.revoked_since(0))[0] == ["s-1"]
         assert await again.get_access_token(APP) == AccessToken("tok", 50.0)
+        assert user.epoch == 1
+        assert (await again.user_events_since(0))[0] == [
+            UserEvent("phone", APP, "o-1", 0),
+            UserEvent("revoke", APP, "o-1", 1),
+        ]
     finally:
         await again.close()
 

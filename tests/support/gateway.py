@@ -78,7 +78,7 @@ class Running:
         self.listener = listener
         self.config: Config = listener.config
         self.url = f"http://127.0.0.1:{listener.port}"
-        self.codec = TokenCodec(self.config.token)
+        self.codec = TokenCodec.for_config(self.config)
 
     def token(self, openid: str = "o-test-user", unionid: str | None = None) -> str:
         return self.codec.issue(openid, unionid, self.listener.gateway.clock())[0]

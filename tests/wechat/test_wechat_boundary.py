@@ -267,7 +267,7 @@ async def test_the_size_cap_is_a_few_kib(
     hostile.answers[api] = padded(MAX_ANSWER_BYTES + 1)
     if api == TOKEN:
         # The token from the call above is cached: make the gateway fetch again.
-        await hgw.listener.gateway.services.access_tokens.invalidate(
+        await hgw.listener.gateway.services.access_tokens[APPID].invalidate(
             "hostile-access-token_0123456789"
         )
     assert_error(await call_api(http, hgw, api), 502, "wechat_error")

@@ -2,8 +2,13 @@
  * wx-gateway client for WeChat mini programs.
  *
  * No runtime dependencies: it only uses the `wx` object of the mini-program
- * runtime (wx.login, wx.request, wx.uploadFile, wx.connectSocket and the sync
- * storage calls), which can also be passed in explicitly.
+ * runtime (wx.login, wx.request, wx.uploadFile, wx.connectSocket, the sync
+ * storage calls and wx.getAccountInfoSync), which can also be passed in explicitly.
+ *
+ * Appid: a gateway may serve several mini programs (contract section 9), so
+ * the login says which one it is for: the `appid` option, else
+ * wx.getAccountInfoSync().miniProgram.appId, else none (a one-app gateway
+ * needs none; base libraries before 2.2.2 lack getAccountInfoSync).
  *
  * Re-login semantics (see README.md):
  * - a token is obtained lazily (first call) or with `login()`, and kept in
@@ -15,6 +20,9 @@
  *   second failure is returned to the caller, never retried again;
  * - `token_invalid` is not retried: the stored token is discarded (it can never
  *   become valid) and the error is returned; the next call logs in afresh.
+ * - `unknown_app` (400, login) and `app_forbidden` (403, a route limited to
+ *   other apps) are never retried: a new login for the same appid would be
+ *   refused the same way.
  */
 
 // ---------------------------------------------------------------------------
@@ -82,6 +90,16 @@ export interface WxConnectSocketOptions {
   fail?: (err: WxGeneralError) => void;
 }
 
+/** What wx.getAccountInfoSync() returns (base library 2.2.2+). */
+export interface WxAccountInfo {
+  miniProgram: {
+    appId: string;
+    envVersion?: "develop" | "trial" | "release";
+    version?: string;
+  };
+  plugin?: { appId: string; version: string };
+}
+
 export interface WxLike {
   login(options: {
     timeout?: number;
@@ -94,6 +112,8 @@ export interface WxLike {
   getStorageSync(key: string): unknown;
   setStorageSync(key: string, value: unknown): void;
   removeStorageSync(key: string): void;
+  /** Missing on base libraries before 2.2.2; may throw where the runtime lacks it. */
+  getAccountInfoSync?(): WxAccountInfo;
 }
 
 // ---------------------------------------------------------------------------
@@ -151,6 +171,12 @@ export class GatewayError extends Error {
 export interface GatewayClientOptions {
   /** The gateway's base URL, e.g. `https://api.example.com` (no trailing path needed). */
   baseUrl: string;
+  /**
+   * The mini program's appid, sent on login. Default
+   * `wx.getAccountInfoSync().miniProgram.appId`; when neither is available the
+   * login carries no appid (enough for a gateway serving one mini program).
+   */
+  appid?: string;
   /** The `wx` object; defaults to the global `wx` of the mini-program runtime. */
   wx?: WxLike;
   /** The gateway's `token.header`. `Authorization` (default) sends `Bearer <token>`; any other name the bare token. */
@@ -182,6 +208,8 @@ export interface StoredSession {
   obtainedAt: number;
   openid: string;
   unionid: string | null;
+  /** The appid the login was for; null when it was sent without one. */
+  appid: string | null;
 }
 
 export interface LoginResult {
@@ -190,6 +218,8 @@ export interface LoginResult {
   expiresIn: number;
   openid: string;
   unionid: string | null;
+  /** The appid sent with the login; null when none was known. */
+  appid: string | null;
 }
 
 export interface Me {
@@ -368,6 +398,8 @@ export class GatewayClient {
   private epoch = 0;
   /** Open sockets: logout() closes them (they must not log in again by themselves). */
   private readonly sockets = new Set<ReconnectingSocket>();
+  /** The resolved appid (see `appid`); unset until first needed, since `wx` may come later. */
+  private appidOf: { value: string | null } | null = null;
 
   constructor(options: GatewayClientOptions) {
     if (!options || typeof options.baseUrl !== "string" || !/^https?:\/\//.test(options.baseUrl)) {
@@ -385,6 +417,29 @@ export class GatewayClient {
     const wx = this.options.wx || globalWx();
     if (!wx) throw new TypeError("GatewayClient: no `wx` object (pass options.wx outside a mini program)");
     return wx;
+  }
+
+  /**
+   * The appid logins are for: the `appid` option, else the runtime's
+   * `wx.getAccountInfoSync().miniProgram.appId`, else null (no appid sent).
+   * Resolved once: a running mini program does not change its appid.
+   */
+  get appid(): string | null {
+    if (this.appidOf === null) this.appidOf = { value: this.options.appid || this.runtimeAppid() };
+    return this.appidOf.value;
+  }
+
+  private runtimeAppid(): string | null {
+    const wx = this.wx;
+    if (typeof wx.getAccountInfoSync !== "function") return null;
+    try {
+      const appId = wx.getAccountInfoSync().miniProgram.appId;
+      return typeof appId === "string" && appId ? appId : null;
+    } catch (_) {
+      // Some runtimes declare the API but throw (old base library, dev tools'
+      // tourist mode): log in without an appid, as before appids existed.
+      return null;
+    }
   }
 
   // ----- session storage ---------------------------------------------------
@@ -405,6 +460,8 @@ export class GatewayClient {
       obtainedAt: typeof s.obtainedAt === "number" ? s.obtainedAt : s.expiresAt,
       openid: typeof s.openid === "string" ? s.openid : "",
       unionid: typeof s.unionid === "string" ? s.unionid : null,
+      // Sessions stored before appids existed have none: they belong to the default app.
+      appid: typeof s.appid === "string" ? s.appid : null,
     };
   }
 
@@ -427,6 +484,18 @@ export class GatewayClient {
     const lifetime = Math.max(0, s.expiresAt - s.obtainedAt);
     const margin = Math.min((this.options.refreshMargin == null ? 60 : this.options.refreshMargin) * 1000, lifetime / 2);
     return this.now() >= s.expiresAt - margin;
+  }
+
+  /**
+   * A stored session this client may send: fresh, and not another app's. Why
+   * the app check: with the `appid` option changed (or two clients sharing a
+   * storage key), the stored token is another mini program's, which the
+   * gateway would take as that app's user or refuse with app_forbidden.
+   */
+  private usable(s: StoredSession | null): s is StoredSession {
+    if (!s || this.isStale(s)) return false;
+    const appid = this.appid;
+    return s.appid === null || appid === null || s.appid === appid;
   }
 
   /** `header` plus the token header (replacing any same-named one, whatever its case). */
@@ -511,16 +580,18 @@ export class GatewayClient {
 
   private async doLogin(): Promise<LoginResult> {
     const epoch = this.epoch;
+    const appid = this.appid;
     const code = await this.wxLogin();
     const started = this.now();
     const res = await this.send({
       url: this.url("/auth/login"),
       method: "POST",
-      data: { code },
+      // Without an appid the body is the one-app form, as before appids existed.
+      data: appid === null ? { code } : { code, appid },
       header: { "Content-Type": "application/json" },
       timeout: this.options.timeout,
     });
-    if (res.statusCode !== 200) throw errorFrom(res.statusCode, res.data, res.header);
+    if (res.statusCode !== 200) throw this.loginError(errorFrom(res.statusCode, res.data, res.header), appid);
     const body = asObject(res.data);
     if (!body || typeof body.token !== "string" || !body.token || typeof body.openid !== "string") {
       throw new GatewayError({
@@ -538,6 +609,7 @@ export class GatewayClient {
       expiresIn,
       openid: body.openid,
       unionid: typeof body.unionid === "string" ? body.unionid : null,
+      appid,
     };
     if (epoch === this.epoch) {
       const session: StoredSession = {
@@ -547,16 +619,41 @@ export class GatewayClient {
         obtainedAt: started,
         openid: result.openid,
         unionid: result.unionid,
+        appid,
       };
       this.wx.setStorageSync(this.storageKey, session);
     }
     return result;
   }
 
+  /**
+   * A login refusal about the appid, with the appid and where it came from in
+   * the message: the gateway's own message cannot say which one the client sent.
+   */
+  private loginError(err: GatewayError, appid: string | null): GatewayError {
+    let hint: string;
+    if (err.code === "unknown_app") {
+      const from = this.options.appid ? "the appid option" : "wx.getAccountInfoSync()";
+      hint = `appid ${appid} (from ${from}) is not configured on the gateway (wechat.apps)`;
+    } else if (err.code === "bad_request" && appid === null && /appid/i.test(err.message)) {
+      hint = "no appid was sent (no appid option, no wx.getAccountInfoSync()): pass the appid option";
+    } else {
+      return err;
+    }
+    return new GatewayError({
+      code: err.code,
+      message: `${err.message} ${hint}`,
+      status: err.status,
+      requestId: err.requestId,
+      wechatErrcode: err.wechatErrcode,
+      data: err.data,
+    });
+  }
+
   /** A usable token: the stored one unless missing or about to expire. */
   private async ensureToken(): Promise<string> {
     const s = this.getSession();
-    if (s && !this.isStale(s)) return s.token;
+    if (this.usable(s)) return s.token;
     return (await this.login()).token;
   }
 
@@ -566,13 +663,15 @@ export class GatewayClient {
    */
   private async tokenAfterFailure(failed: string | null): Promise<string> {
     const s = this.getSession();
-    if (s && s.token !== failed && !this.isStale(s)) return s.token;
+    if (this.usable(s) && s.token !== failed) return s.token;
     return (await this.login()).token;
   }
 
   /**
    * Send with the token; on a 401 in `reloginOn`, one shared login and one
    * retry. `token_invalid` drops the stored token (it can never become valid).
+   * Anything else, 403 `app_forbidden` included, goes back as it is: a fresh
+   * token of the same app would be refused the same way.
    */
   private async withToken(call: (token: string | null) => Promise<RawAnswer>, relogin: boolean): Promise<RawAnswer> {
     let token = relogin ? await this.ensureToken() : this.getToken();

@@ -16,18 +16,22 @@ import {
   SocketOptions,
   WxSocketTask,
   createClient,
+  errorCodeOf,
 } from "../src/index";
 import {
   APPID,
+  CARD_APPID,
+  SHOP_APPID,
   Stack,
   encryptLegacy,
   fakeOpenid,
   fakeSessionKey,
+  fakeUnionid,
   loginsOk,
   rawHttp,
   startStack,
 } from "./harness";
-import { WxShim } from "./wx-shim";
+import { AccountInfo, WxShim } from "./wx-shim";
 
 /** Every test has a deadline, so a client that loops fails instead of hanging. */
 const test = (name: string, fn: () => Promise<void>) => nodeTest(name, { timeout: 15_000 }, fn);
@@ -569,5 +573,234 @@ describe("wx-gateway mini-program client", () => {
     // An absolute URL under the base is fine.
     const res = await client.request<Echo>({ url: stack.main.url + "/api/abs" });
     assert.equal(res.data.path, "/api/abs");
+  });
+
+  // ----- several mini programs (contract section 9) ---------------------------
+  //
+  // stack.multi serves two apps, shop (SHOP_APPID, first) and card (CARD_APPID);
+  // the in-process fake WeChat gives each app its own openids and session keys
+  // and one unionid per `union...` person across both.
+
+  /** A client on `baseUrl` whose wx.getAccountInfoSync answers `accountInfo` (see AccountInfo). */
+  function setupApp(
+    baseUrl: string,
+    code: string,
+    accountInfo: AccountInfo,
+    options: Partial<GatewayClientOptions> = {},
+  ): { wx: WxShim; client: GatewayClient } {
+    const wx = new WxShim(code, accountInfo);
+    shims.push(wx);
+    return { wx, client: createClient({ baseUrl, wx, ...options }) };
+  }
+
+  /** The recorder's echo of the request it received (header names in lower case). */
+  interface Recorded {
+    headers: Record<string, string | undefined>;
+  }
+
+  test("two apps: each client logs in with its runtime's appid, and the upstream sees its X-AppId and openid", async () => {
+    const code = "two-app-user";
+    const shop = setupApp(stack.multi.url, code, SHOP_APPID);
+    const card = setupApp(stack.multi.url, code, CARD_APPID);
+    assert.equal(shop.client.appid, SHOP_APPID);
+    assert.equal(card.client.appid, CARD_APPID);
+
+    // A forged X-AppId from the client never reaches the upstream.
+    const forged = { "X-AppId": CARD_APPID, "X-OpenId": "forged" };
+    const [s, c] = await Promise.all([
+      shop.client.request<Recorded>({ url: "/rec/whoami", header: forged }),
+      card.client.request<Recorded>({ url: "/rec/whoami", header: { ...forged, "X-AppId": SHOP_APPID } }),
+    ]);
+    assert.equal(s.data.headers["x-appid"], SHOP_APPID);
+    assert.equal(s.data.headers["x-openid"], fakeOpenid(code));
+    assert.equal(c.data.headers["x-appid"], CARD_APPID);
+    assert.equal(c.data.headers["x-openid"], fakeOpenid(code, CARD_APPID));
+    assert.notEqual(fakeOpenid(code), fakeOpenid(code, CARD_APPID), "one openid per app");
+
+    assert.deepEqual(shop.wx.loginBodies, [{ code, appid: SHOP_APPID }]);
+    assert.deepEqual(card.wx.loginBodies, [{ code, appid: CARD_APPID }]);
+    const stored = card.wx.getStorageSync("wx_gateway_session") as Record<string, unknown>;
+    assert.equal(stored.appid, CARD_APPID);
+    assert.equal(stored.openid, fakeOpenid(code, CARD_APPID));
+
+    // The stored token is reused; the appid is read from the runtime once.
+    const again = await card.client.request<Recorded>({ url: "/rec/whoami" });
+    assert.equal(again.data.headers["x-appid"], CARD_APPID);
+    assert.equal(card.wx.loginCalls, 1);
+    assert.equal(card.wx.accountInfoCalls, 1);
+  });
+
+  test("two apps: the same union code gives both the same unionid, and each app has its own record", async () => {
+    const code = "union-two-apps";
+    const shop = setupApp(stack.multi.url, code, SHOP_APPID);
+    const card = setupApp(stack.multi.url, code, CARD_APPID);
+    const [ls, lc] = await Promise.all([shop.client.login(), card.client.login()]);
+    assert.equal(ls.unionid, fakeUnionid(code));
+    assert.equal(lc.unionid, fakeUnionid(code));
+    assert.ok(ls.unionid, "a union code has a unionid");
+    assert.equal(ls.openid, fakeOpenid(code));
+    assert.equal(lc.openid, fakeOpenid(code, CARD_APPID));
+    assert.equal(ls.appid, SHOP_APPID);
+    assert.equal(lc.appid, CARD_APPID);
+
+    // /auth/phone uses the token's app (its access token): the number lands on card's record only.
+    const phone = await card.client.getPhoneNumber("phone-13600001111");
+    assert.equal(phone.phone_number, "13600001111");
+    assert.deepEqual(await card.client.me(), { openid: lc.openid, unionid: lc.unionid, phone_number: "13600001111" });
+    assert.deepEqual(await shop.client.me(), { openid: ls.openid, unionid: ls.unionid, phone_number: null });
+
+    // /auth/decrypt uses the token's app: card's session_key, a watermark naming card.
+    const key = fakeSessionKey(code, CARD_APPID);
+    const stamp = Math.floor(Date.now() / 1000);
+    const mine = encryptLegacy(key, { stepInfoList: [{ step: 7 }], watermark: { appid: CARD_APPID, timestamp: stamp } });
+    assert.deepEqual(await card.client.decrypt(mine.encryptedData, mine.iv), {
+      stepInfoList: [{ step: 7 }],
+      watermark: { appid: CARD_APPID, timestamp: stamp },
+    });
+    const shops = encryptLegacy(key, { stepInfoList: [], watermark: { appid: SHOP_APPID, timestamp: stamp } });
+    const err = await expectGatewayError(card.client.decrypt(shops.encryptedData, shops.iv));
+    assert.equal(err.code, "decrypt_failed");
+    assert.equal(card.wx.loginCalls, 1);
+  });
+
+  test("the appid option overrides wx.getAccountInfoSync", async () => {
+    const code = "override-user";
+    const { wx, client } = setupApp(stack.multi.url, code, SHOP_APPID, { appid: CARD_APPID });
+    assert.equal(client.appid, CARD_APPID);
+    const res = await client.request<Recorded>({ url: "/rec/override" });
+    assert.equal(res.data.headers["x-appid"], CARD_APPID);
+    assert.equal(res.data.headers["x-openid"], fakeOpenid(code, CARD_APPID));
+    assert.deepEqual(wx.loginBodies, [{ code, appid: CARD_APPID }]);
+    assert.equal(wx.accountInfoCalls, 0, "the runtime is not even asked");
+  });
+
+  test("the login's appid picks the WeChat credentials: a code of card works for card only", async () => {
+    // The fake accepts a code ending in @<appid> only with that app's credentials.
+    const code = `only-card@${CARD_APPID}`;
+    const card = setupApp(stack.multi.url, code, CARD_APPID);
+    assert.equal((await card.client.login()).openid, fakeOpenid(code, CARD_APPID));
+    const shop = setupApp(stack.multi.url, code, SHOP_APPID);
+    const err = await expectGatewayError(shop.client.login());
+    assert.equal(err.code, "invalid_code");
+    assert.equal(err.wechatErrcode, 40029);
+  });
+
+  test("an unconfigured appid is a typed unknown_app error: never retried, nothing stored", async () => {
+    const unknown = "wxnotconfigured000";
+    const { wx, client } = setupApp(stack.multi.url, "unknown-app-user", unknown);
+    const before = await loginsOk(stack.multi.url);
+    const err = await expectGatewayError(client.login());
+    assert.equal(err.code, "unknown_app");
+    assert.equal(err.status, 400);
+    assert.match(err.message, new RegExp(`appid ${unknown} \\(from wx\\.getAccountInfoSync\\(\\)\\)`));
+    assert.match(err.requestId || "", /\S/);
+    assert.equal(client.getToken(), null);
+    assert.equal(wx.getStorageSync("wx_gateway_session"), "");
+
+    // Through request(): the login error surfaces once, nothing reaches the upstream.
+    const err2 = await expectGatewayError(client.request({ url: "/rec/never" }));
+    assert.equal(err2.code, "unknown_app");
+    assert.equal(wx.sentTo("/rec/never").length, 0);
+    assert.equal(wx.authLoginPosts, 2, "one POST per call, no retry");
+    assert.equal((await loginsOk(stack.multi.url)) - before, 0);
+
+    // A one-app gateway checks a given appid too, here from the option.
+    const single = setupApp(stack.main.url, "unknown-app-single", undefined, { appid: unknown });
+    const err3 = await expectGatewayError(single.client.login());
+    assert.equal(err3.code, "unknown_app");
+    assert.match(err3.message, /\(from the appid option\)/);
+  });
+
+  test("without any appid, a two-app gateway answers bad_request, with a hint to pass the option", async () => {
+    for (const accountInfo of [undefined, "throws"] as AccountInfo[]) {
+      const { wx, client } = setupApp(stack.multi.url, "no-appid-user", accountInfo);
+      assert.equal(client.appid, null);
+      const err = await expectGatewayError(client.login());
+      assert.equal(err.code, "bad_request");
+      assert.equal(err.status, 400);
+      assert.match(err.message, /pass the appid option/);
+      assert.deepEqual(wx.loginBodies, [{ code: "no-appid-user" }]);
+    }
+  });
+
+  test("a route limited to shop answers card's client with app_forbidden, and no re-login happens", async () => {
+    const card = setupApp(stack.multi.url, "forbidden-user", CARD_APPID);
+    const first = await card.client.login();
+    const before = await loginsOk(stack.multi.url);
+    const upstreamBefore = stack.recorder.count("/shop/orders");
+
+    const err = await expectGatewayError(card.client.request({ url: "/shop/orders" }));
+    assert.equal(err.code, "app_forbidden");
+    assert.equal(err.status, 403);
+    const res = await card.client.request({ url: "/shop/orders", throwHttpErrors: false });
+    assert.equal(res.statusCode, 403);
+    assert.equal(errorCodeOf(res.data), "app_forbidden");
+
+    // A refused WebSocket handshake: a final close, not a reconnect.
+    const socket = await card.client.connectSocket({ url: "/shop/ws" });
+    const seen = watch(socket);
+    await until(() => seen.closes.length === 1, "the refused handshake's close");
+    assert.deepEqual(seen.reconnects, []);
+    const [handshake] = card.wx.sent.filter((s) => s.kind === "socket");
+    assert.equal(handshake.status, 403);
+    assert.equal(handshake.error, "app_forbidden");
+
+    assert.equal(card.wx.loginCalls, 1, "no wx.login after the 403s");
+    assert.equal(card.wx.authLoginPosts, 1);
+    assert.equal((await loginsOk(stack.multi.url)) - before, 0, "the gateway counted no login");
+    assert.equal(stack.recorder.count("/shop/orders"), upstreamBefore, "nothing reached the upstream");
+    // The token stays: it is good on the routes card may use.
+    assert.equal(card.client.getToken(), first.token);
+    const ok = await card.client.request<Recorded>({ url: "/rec/allowed" });
+    assert.equal(ok.data.headers["x-appid"], CARD_APPID);
+    assert.equal(card.wx.loginCalls, 1);
+
+    // shop's client passes, by HTTP and by WebSocket.
+    const shop = setupApp(stack.multi.url, "forbidden-user", SHOP_APPID);
+    const mine = await shop.client.request<Recorded>({ url: "/shop/orders" });
+    assert.equal(mine.data.headers["x-appid"], SHOP_APPID);
+    assert.equal(mine.data.headers["x-openid"], fakeOpenid("forbidden-user"));
+    const shopSocket = await shop.client.connectSocket({ url: "/shop/ws" });
+    const shopSeen = watch(shopSocket);
+    await until(() => shopSeen.messages.length === 1, "shop's socket hello");
+    assert.equal(JSON.parse(shopSeen.messages[0]).appid, SHOP_APPID);
+    shopSocket.close({ code: 1000 });
+    await until(() => shopSeen.closes.length === 1, "the close");
+  });
+
+  test("a stored session of another app is not reused: the client logs in for its own", async () => {
+    // Two clients sharing one wx storage key, e.g. after the appid option changed.
+    const code = "switching-user";
+    const wx = new WxShim(code, SHOP_APPID);
+    shims.push(wx);
+    const shopClient = createClient({ baseUrl: stack.multi.url, wx });
+    const shopToken = (await shopClient.login()).token;
+    const cardClient = createClient({ baseUrl: stack.multi.url, wx, appid: CARD_APPID });
+    const res = await cardClient.request<Recorded>({ url: "/rec/switched" });
+    assert.equal(res.data.headers["x-appid"], CARD_APPID);
+    assert.equal(res.data.headers["x-openid"], fakeOpenid(code, CARD_APPID));
+    assert.equal(wx.loginCalls, 2);
+    assert.notEqual(cardClient.getToken(), shopToken);
+    assert.deepEqual(
+      wx.sentTo("/rec/switched").map((s) => s.header["Authorization"]),
+      [`Bearer ${cardClient.getToken()}`],
+      "shop's token was never sent for card",
+    );
+  });
+
+  test("a one-app gateway: no getAccountInfoSync or a throwing one logs in without appid; the runtime's is sent", async () => {
+    for (const accountInfo of [undefined, "throws"] as AccountInfo[]) {
+      const code = `one-app-${accountInfo || "old-base-library"}`;
+      const { wx, client } = setupApp(stack.main.url, code, accountInfo);
+      const res = await client.request<Recorded>({ url: "/rec/one-app" });
+      assert.equal(res.data.headers["x-openid"], fakeOpenid(code));
+      assert.equal(res.data.headers["x-appid"], APPID, "the gateway names its one app");
+      assert.deepEqual(wx.loginBodies, [{ code }], "no appid key at all");
+      assert.equal((wx.getStorageSync("wx_gateway_session") as Record<string, unknown>).appid, null);
+    }
+    const { wx, client } = setupApp(stack.main.url, "one-app-runtime", APPID);
+    const res = await client.request<Recorded>({ url: "/rec/one-app" });
+    assert.equal(res.data.headers["x-openid"], fakeOpenid("one-app-runtime"));
+    assert.deepEqual(wx.loginBodies, [{ code: "one-app-runtime", appid: APPID }]);
   });
 });

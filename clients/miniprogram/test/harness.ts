@@ -20,6 +20,9 @@ export const PACKAGE_ROOT = path.resolve(__dirname, "..", "..");
 export const REPO_ROOT = path.resolve(PACKAGE_ROOT, "..", "..");
 export const APPID = "wxclienttestapp001";
 const WECHAT_SECRET = "client-test-wechat-secret";
+/** The two mini programs of the `multi` gateway, in config order (shop first). */
+export const SHOP_APPID = "wxclienttestshop01";
+export const CARD_APPID = "wxclienttestcard02";
 const TOKEN_SECRET = "client-test-token-secret-0123456789abcdef-0123456789";
 
 export function pythonExecutable(): string {
@@ -305,6 +308,7 @@ export class Recorder {
     // First message: who the gateway said the caller is.
     const hello = {
       openid: req.headers["x-openid"] ?? null,
+      appid: req.headers["x-appid"] ?? null,
       authorization: req.headers["authorization"] ?? null,
       path: req.url,
     };
@@ -338,30 +342,57 @@ export interface Stack {
   main: GatewayInfo;
   /** ttl 1s, token header X-WX-Token. */
   short: GatewayInfo;
+  /**
+   * Two mini programs (wechat.apps: shop = SHOP_APPID first, card = CARD_APPID),
+   * ttl 2h; /shop/ (the recorder, WebSocket too) takes only shop's tokens.
+   */
+  multi: GatewayInfo;
   recorder: Recorder;
   demoUrl: string;
   tmp: string;
   stop(): Promise<void>;
 }
 
-function gatewayConfig(
-  port: number,
-  db: string,
-  demoUrl: string,
-  recorderUrl: string,
-  token: Record<string, unknown>,
-): unknown {
+interface GatewayVariant {
+  name: "main" | "short" | "multi";
+  token: Record<string, unknown>;
+  /** The `wechat` apps: the single-app form unless given. */
+  apps?: { appid: string; secret: string; name: string }[];
+  /** Routes after the /api/ and /rec/ ones (`{recorder}` as upstream: the recorder). */
+  routes?: Record<string, unknown>[];
+}
+
+const VARIANTS: GatewayVariant[] = [
+  { name: "main", token: { ttl: "2h" } },
+  { name: "short", token: { ttl: "1s", header: "X-WX-Token" } },
+  {
+    name: "multi",
+    token: { ttl: "2h" },
+    apps: [
+      { appid: SHOP_APPID, secret: "client-test-shop-secret", name: "shop" },
+      { appid: CARD_APPID, secret: "client-test-card-secret", name: "card" },
+    ],
+    routes: [{ prefix: "/shop/", upstream: "{recorder}", auth: "required", websocket: true, apps: ["shop"] }],
+  },
+];
+
+function gatewayConfig(port: number, db: string, demoUrl: string, recorderUrl: string, variant: GatewayVariant): unknown {
+  const extra = (variant.routes || []).map((r) => (r.upstream === "{recorder}" ? { ...r, upstream: recorderUrl } : r));
+  // With wechat.fake the in-process fake serves every configured app, each
+  // checking its own secret.
+  const apps = variant.apps ? { apps: variant.apps } : { appid: APPID, secret: WECHAT_SECRET };
   // JSON is YAML.
   return {
     server: { host: "127.0.0.1", port, shutdown_grace: "1s" },
-    wechat: { appid: APPID, secret: WECHAT_SECRET, fake: true, timeout: "5s" },
-    token: { secret: TOKEN_SECRET, ...token },
+    wechat: { ...apps, fake: true, timeout: "5s" },
+    token: { secret: TOKEN_SECRET, ...variant.token },
     storage: { url: `sqlite:///${db}` },
     rate_limits: { login_per_ip: 0 },
     log: { access: false, level: "warning" },
     routes: [
       { prefix: "/api/", upstream: demoUrl, auth: "required" },
       { prefix: "/rec/", upstream: recorderUrl, auth: "required", websocket: true },
+      ...extra,
     ],
   };
 }
@@ -378,28 +409,25 @@ export async function startStack(): Promise<Stack> {
   try {
     const recorderPort = await recorder.start();
     const recorderUrl = `http://127.0.0.1:${recorderPort}`;
-    const [demoPort, mainPort, shortPort] = [await freePort(), await freePort(), await freePort()];
+    const demoPort = await freePort();
     const demoUrl = `http://127.0.0.1:${demoPort}`;
     const demo = spawnPython("demo-upstream", ["demo-upstream", "--host", "127.0.0.1", "--port", String(demoPort)]);
     procs.push(demo);
-    const configs: [string, number, Record<string, unknown>][] = [
-      ["main", mainPort, { ttl: "2h" }],
-      ["short", shortPort, { ttl: "1s", header: "X-WX-Token" }],
-    ];
-    const gateways: GatewayInfo[] = [];
-    for (const [name, port, token] of configs) {
-      const file = path.join(tmp, `${name}.yaml`);
-      const config = gatewayConfig(port, path.join(tmp, `${name}.db`), demoUrl, recorderUrl, token);
+    const gateways = {} as Record<GatewayVariant["name"], GatewayInfo>;
+    for (const variant of VARIANTS) {
+      const port = await freePort();
+      const file = path.join(tmp, `${variant.name}.yaml`);
+      const config = gatewayConfig(port, path.join(tmp, `${variant.name}.db`), demoUrl, recorderUrl, variant);
       fs.writeFileSync(file, JSON.stringify(config, null, 2));
-      const proc = spawnPython(`gateway ${name}`, ["run", "-c", file]);
+      const proc = spawnPython(`gateway ${variant.name}`, ["run", "-c", file]);
       procs.push(proc);
-      gateways.push({ url: `http://127.0.0.1:${port}`, proc });
+      gateways[variant.name] = { url: `http://127.0.0.1:${port}`, proc };
     }
     await Promise.all([
       demo.waitFor(demoUrl + "/"),
-      ...gateways.map((g) => g.proc.waitFor(g.url + "/healthz")),
+      ...Object.values(gateways).map((g) => g.proc.waitFor(g.url + "/healthz")),
     ]);
-    return { main: gateways[0], short: gateways[1], recorder, demoUrl, tmp, stop };
+    return { ...gateways, recorder, demoUrl, tmp, stop };
   } catch (err) {
     await stop();
     throw err;
@@ -418,14 +446,40 @@ export async function loginsOk(gatewayUrl: string): Promise<number> {
   return total;
 }
 
-/** What the fake WeChat answers for a login code (gateway/wechat/fake.py). */
-export function fakeOpenid(code: string): string {
-  return "o" + crypto.createHash("sha256").update(code).digest("base64url").slice(0, 27);
+// The fake WeChat's answers, mirrored from gateway/wechat/fake.py (openid_for,
+// unionid_for, session_key_for). `appid` undefined is the fake's primary app:
+// the first configured one (the only one of a one-app gateway), whose values
+// are the single-app fake's; any other app's are salted with its appid.
+
+/** A code's person: the code without an `@<appid>` ending (fake.split_app). */
+function fakePerson(code: string): string {
+  const at = code.lastIndexOf("@");
+  return at >= 0 && at < code.length - 1 ? code.slice(0, at) : code;
 }
 
-/** The fake's session_key for a login code: base64 of 16 bytes. */
-export function fakeSessionKey(code: string): Buffer {
-  return crypto.createHash("sha256").update("session_key:" + code).digest().subarray(0, 16);
+function fakeLabel(label: string, appid: string | undefined): string {
+  return appid === undefined ? label : `${label}app=${appid}:`;
+}
+
+function fakeDigest(text: string): Buffer {
+  return crypto.createHash("sha256").update(text, "utf8").digest();
+}
+
+/** The openid the fake WeChat answers for a login code, in app `appid` (default: the primary app). */
+export function fakeOpenid(code: string, appid?: string): string {
+  return "o" + fakeDigest(fakeLabel("", appid) + fakePerson(code)).toString("base64url").slice(0, 27);
+}
+
+/** The fake's unionid for a `union...` code (null for others): the same in every app. */
+export function fakeUnionid(code: string): string | null {
+  const person = fakePerson(code);
+  if (!person.startsWith("union")) return null;
+  return "o" + fakeDigest("unionid:" + person).toString("base64url").slice(0, 27);
+}
+
+/** The fake's session_key for a login code (16 bytes), in app `appid` as for fakeOpenid. */
+export function fakeSessionKey(code: string, appid?: string): Buffer {
+  return fakeDigest(fakeLabel("session_key:", appid) + fakePerson(code)).subarray(0, 16);
 }
 
 /** Encrypt a legacy open-data payload as WeChat does (AES-128-CBC, PKCS#7). */

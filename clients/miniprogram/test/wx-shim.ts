@@ -2,14 +2,16 @@
  * A `wx` object for Node that behaves like the mini-program runtime's, doing
  * real HTTP: wx.request, wx.uploadFile (multipart/form-data), wx.connectSocket
  * (a minimal RFC 6455 client over an HTTP upgrade), wx.login (codes the fake
- * WeChat accepts) and in-memory sync storage. It counts what it does, so tests
- * can assert how many logins and requests really happened.
+ * WeChat accepts), in-memory sync storage and, when given an appid,
+ * wx.getAccountInfoSync. It counts what it does, so tests can assert how many
+ * logins and requests really happened.
  */
 import * as crypto from "node:crypto";
 import * as fs from "node:fs";
 import * as http from "node:http";
 import * as path from "node:path";
 import type {
+  WxAccountInfo,
   WxConnectSocketOptions,
   WxGeneralError,
   WxLike,
@@ -28,7 +30,16 @@ export interface Sent {
   status: number | null;
   /** The `error` of a JSON error answer. */
   error: string | null;
+  /** The JSON body wx.request sent (an object `data`), else undefined. */
+  body?: unknown;
 }
+
+/**
+ * What the shim's wx.getAccountInfoSync does: an appid answers it, "throws"
+ * throws as a runtime that declares but lacks the API, and undefined leaves
+ * the method out, as base libraries before 2.2.2 do.
+ */
+export type AccountInfo = string | "throws" | undefined;
 
 function flatHeaders(h: http.IncomingHttpHeaders): Record<string, string> {
   const out: Record<string, string> = {};
@@ -60,10 +71,25 @@ export class WxShim implements WxLike {
   /** Every HTTP exchange, in order of completion (sockets: at handshake). */
   readonly sent: Sent[] = [];
   readonly storage = new Map<string, string>();
+  /** Number of wx.getAccountInfoSync calls. */
+  accountInfoCalls = 0;
+  getAccountInfoSync?: () => WxAccountInfo;
   private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
 
-  constructor(code = "client-test-user") {
+  constructor(code = "client-test-user", accountInfo: AccountInfo = undefined) {
     this.code = code;
+    if (accountInfo !== undefined) {
+      this.getAccountInfoSync = () => {
+        this.accountInfoCalls += 1;
+        if (accountInfo === "throws") throw new Error("getAccountInfoSync:fail not supported");
+        return { miniProgram: { appId: accountInfo, envVersion: "develop", version: "" } };
+      };
+    }
+  }
+
+  /** The bodies of the POSTs to /auth/login, in order. */
+  get loginBodies(): unknown[] {
+    return this.sentTo("/auth/login").map((s) => s.body);
   }
 
   /** POSTs to /auth/login that got an HTTP answer. */
@@ -114,6 +140,7 @@ export class WxShim implements WxLike {
     const header: Record<string, string> = { ...(options.header || {}) };
     let url = options.url;
     let body: Buffer | undefined;
+    let json: unknown = undefined;
     if (options.data !== undefined) {
       if (method === "GET") {
         const qs = queryString(options.data);
@@ -128,6 +155,7 @@ export class WxShim implements WxLike {
           header["Content-Type"] = "application/json";
         }
         body = Buffer.from(JSON.stringify(options.data));
+        json = JSON.parse(body.toString("utf8"));
       }
     }
     this.exchange("request", method, url, header, body, options.timeout, (status, headers, text) => {
@@ -140,7 +168,7 @@ export class WxShim implements WxLike {
         }
       }
       options.success?.({ statusCode: status, header: headers, data });
-    }, options.fail);
+    }, options.fail, json);
   }
 
   // ----- wx.uploadFile --------------------------------------------------------
@@ -181,10 +209,11 @@ export class WxShim implements WxLike {
     timeout: number | undefined,
     done: (status: number, headers: Record<string, string>, text: string) => void,
     fail: ((err: WxGeneralError) => void) | undefined,
+    json?: unknown,
   ): void {
     const headers: Record<string, string> = { ...header };
     if (body) headers["Content-Length"] = String(body.length);
-    const record: Sent = { kind, method, url, header: { ...header }, status: null, error: null };
+    const record: Sent = { kind, method, url, header: { ...header }, status: null, error: null, body: json };
     const req = http.request(url, { method, headers, agent: this.agent }, (res) => {
       const chunks: Buffer[] = [];
       res.on("data", (c: Buffer) => chunks.push(c));
