@@ -26,10 +26,13 @@ def pinned(cpus: str | None, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cpus, *argv] if cpus else argv
 
 
-def start(args: list[str], cpus: str | None = None, **kwargs: object) -> subprocess.Popen[bytes]:
+def start(
+    args: list[str], cpus: str | None = None, root: Path | None = None, **kwargs: object
+) -> subprocess.Popen[bytes]:
+    """``gateway ARGS`` from this tree, or from the checkout at ``root`` (a baseline)."""
     proc: subprocess.Popen[bytes] = subprocess.Popen(
         pinned(cpus, [sys.executable, "-m", "gateway", *args]),
-        cwd=ROOT,
+        cwd=root or ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         **kwargs,  # type: ignore[call-overload]

@@ -10,6 +10,7 @@ free of syscall and scheduler noise.
     valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
         python -m bench.path_cost --once -n 6000   # minus the same with -n 1000,
                                                    # divided by 5000: instructions/request
+    python -m bench.path_cost --assertion      # with identity.assertion on (cached)
 """
 
 from __future__ import annotations
@@ -77,21 +78,23 @@ class _Transport:
         return 0
 
 
-async def run(n: int, access_log: bool, once: bool) -> None:
+async def run(n: int, access_log: bool, once: bool, assertion: bool) -> None:
     tmp = tempfile.mkdtemp()
     config_file = Path(tmp, "gw.yaml")
-    config_file.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"host": "127.0.0.1", "port": 0},
-                "wechat": {"appid": "wxbench", "secret": "x", "fake": True},
-                "token": {"secret": SECRET},
-                "storage": {"url": f"sqlite:///{tmp}/gw.db"},
-                "log": {"access": access_log},
-                "routes": [{"prefix": "/", "upstream": f"http://127.0.0.1:{UPSTREAM_PORT}"}],
-            }
-        )
-    )
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "wechat": {"appid": "wxbench", "secret": "x", "fake": True},
+        "token": {"secret": SECRET},
+        "storage": {"url": f"sqlite:///{tmp}/gw.db"},
+        "log": {"access": access_log},
+        "routes": [{"prefix": "/", "upstream": f"http://127.0.0.1:{UPSTREAM_PORT}"}],
+    }
+    if assertion:
+        from gateway.auth.keys import generate_key
+
+        generate_key(f"{tmp}/assertion.pem")
+        config["identity"] = {"assertion": {"keys": [f"{tmp}/assertion.pem"]}}
+    config_file.write_text(yaml.safe_dump(config))
     listener = Listener(load_config(str(config_file)))
     gateway = listener.gateway
     await gateway.start()
@@ -123,6 +126,7 @@ async def run(n: int, access_log: bool, once: bool) -> None:
     # The fast lane really ran: the upstream got the identity, the client the answer.
     assert b"X-OpenId: o-bench-user\r\n" in upstream_transport.last, upstream_transport.last
     assert client_transport.last.startswith(b"HTTP/1.1 200 OK\r\n"), client_transport.last
+    assert (b"X-Gateway-Assertion: " in upstream_transport.last) == assertion
     if once:
         for _ in range(n):
             one()
@@ -144,13 +148,15 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=20_000)
     parser.add_argument("--no-access-log", action="store_true")
     parser.add_argument("--once", action="store_true", help="run n requests once, print nothing")
+    parser.add_argument("--assertion", action="store_true", help="identity.assertion on")
     args = parser.parse_args()
+    main_run = run(args.n, not args.no_access_log, args.once, args.assertion)
     try:
         import uvloop
 
-        uvloop.run(run(args.n, not args.no_access_log, args.once))
+        uvloop.run(main_run)
     except ImportError:
-        asyncio.run(run(args.n, not args.no_access_log, args.once))
+        asyncio.run(main_run)
     sys.stdout.flush()
     # The storage and access-log threads would keep the process up; nothing to clean.
     os._exit(0)

@@ -150,6 +150,18 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--only", nargs="*", help="subset of targets to run")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--assertion",
+        action="store_true",
+        help="also run workers: 1 with identity.assertion on (contract section 11)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run workers: 1 from the checkout in DIR (e.g. a git worktree of main), "
+        "interleaved with this tree's, for a before/after ratio from one run",
+    )
     args = parser.parse_args()
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
     proxy_cpu, load_cpu = (PROXY_CPU, LOAD_CPU) if pin else (None, None)
@@ -160,7 +172,10 @@ def main() -> None:
         "o-bench-user", None, time.time()
     )[0]
     with tempfile.TemporaryDirectory() as tmp:
-        ports = {name: free_port() for name in ("nginx", "haproxy", "plain", "gw1", "gw2")}
+        names = ["nginx", "haproxy", "plain", "gw1", "gw2"]
+        names += ["gw1a"] if args.assertion else []
+        names += ["gw1b"] if args.baseline else []
+        ports = {name: free_port() for name in names}
         upstream = f"http://127.0.0.1:{ports['nginx']}"
         Path(tmp, "nginx.conf").write_text(NGINX.format(tmp=tmp, port=ports["nginx"]))
         Path(tmp, "haproxy.cfg").write_text(
@@ -189,27 +204,36 @@ def main() -> None:
                 cwd=Path(__file__).parent.parent,
             ),
         ]
-        for workers, name in ((1, "gw1"), (2, "gw2")):
-            config = {
+        gateways = [(1, "gw1", None), (2, "gw2", None)]
+        gateways += [(1, "gw1a", None)] if args.assertion else []
+        gateways += [(1, "gw1b", args.baseline)] if args.baseline else []
+        for workers, name, root in gateways:
+            config: dict[str, object] = {
                 "server": {"host": "127.0.0.1", "port": ports[name], "workers": workers},
                 "wechat": {"appid": "wxbench", "secret": "x", "fake": True},
                 "token": {"secret": SECRET},
                 "storage": {"url": f"sqlite:///{tmp}/{name}.db"},
                 "routes": [{"prefix": "/", "upstream": upstream}],
             }
+            if name == "gw1a":
+                key = Path(tmp, "assertion.pem")
+                start(["keys", "generate", str(key)]).wait(30)
+                config["identity"] = {"assertion": {"keys": [str(key)]}}
             Path(tmp, f"{name}.yaml").write_text(yaml.safe_dump(config))
             procs.append(
                 start(
                     ["run", "-c", f"{tmp}/{name}.yaml"],
                     cpus=proxy_cpu if workers == 1 else None,
+                    root=root,
                     env={**os.environ},
                 )
             )
         try:
             for port in ports.values():
                 wait_http(f"http://127.0.0.1:{port}/healthz")
-            for name in ("haproxy", "plain", "gw1", "gw2"):
-                _check_rejects_forgery(ports[name], token)
+            for name in ports:
+                if name != "nginx":
+                    _check_rejects_forgery(ports[name], token)
             names = [n for n in ports if not args.only or n in args.only]
             targets: dict[str, Callable[[int], dict[str, float]]] = {
                 name: partial(_measure, ports[name], token, args.connections, load_cpu)
@@ -242,6 +266,8 @@ LABELS = {
     "plain": "plain aiohttp proxy",
     "gw1": "wx-gateway, workers: 1",
     "gw2": "wx-gateway, workers: 2",
+    "gw1a": "wx-gateway, workers: 1, assertion on",
+    "gw1b": "wx-gateway, workers: 1, baseline checkout",
 }
 
 
@@ -253,6 +279,10 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
         }
         for name, runs in results.items()
     }
+
+    def rps(name: str) -> float:
+        return med[name]["rps"]
+
     print("| target | req/s | p50 ms | p99 ms | non-2xx | rounds | CPU steal % |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, m in med.items():
@@ -270,6 +300,10 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
         for name in ("gw1", "gw2"):
             if name in med and med["haproxy"]["rps"]:
                 print(f"{LABELS[name]} / HAProxy: {med[name]['rps'] / med['haproxy']['rps']:.2f}x")
+    if "gw1" in med and "gw1a" in med and med["gw1"]["rps"]:
+        print(f"wx-gateway (1 worker), assertion on / off: {rps('gw1a') / rps('gw1'):.3f}x")
+    if "gw1" in med and "gw1b" in med and med["gw1b"]["rps"]:
+        print(f"wx-gateway (1 worker), this tree / baseline: {rps('gw1') / rps('gw1b'):.3f}x")
     if "plain" in med and "gw1" in med and med["plain"]["rps"]:
         print(
             f"wx-gateway (1 worker) / plain aiohttp: {med['gw1']['rps'] / med['plain']['rps']:.2f}x"

@@ -31,11 +31,12 @@ from typing import cast
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.auth.assertion import JWKS_MAX_AGE, Asserter
 from gateway.auth.endpoints import AuthEndpoints, Endpoint
 from gateway.auth.identity import Identity, IdentityResolver
 from gateway.auth.phones import MISSING
 from gateway.config import Config
-from gateway.config.reserved import is_reserved
+from gateway.config.reserved import JWKS_PATH, is_reserved
 from gateway.errors import (
     AppForbidden,
     BadRequest,
@@ -77,7 +78,12 @@ class Gateway:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.router = Router(config.routes, config.server.max_body, config.rate_limits.ipv6_prefix)
+        self.router = Router(
+            config.routes,
+            config.server.max_body,
+            config.rate_limits.ipv6_prefix,
+            upstream_tls=config.upstream_tls,
+        )
         self.rules = HeaderRules(config)
         self.metrics = Metrics(os.environ.get(METRICS_DIR_ENV))
         self.services = Services(config, clock=clock, metrics=self.metrics)
@@ -95,7 +101,12 @@ class Gateway:
             config.server.upstream_idle_timeout,
         )
         self.access_log = AccessLog(config) if config.log.access else None
-        self.auth = AuthEndpoints(config, self.services, self.identity, self.rules, self.router)
+        # The signed identity for upstreams (contract section 11), when configured.
+        assertion = config.identity.assertion
+        self.asserter = Asserter(assertion, config.token.issuer, clock) if assertion else None
+        self.auth = AuthEndpoints(
+            config, self.services, self.identity, self.rules, self.router, self.asserter
+        )
         # The phone header's cache, only when the header is on (the proxy path
         # then reads it; off, a user's number is never looked up here).
         self._phones = self.services.phones if config.identity.phone_header else None
@@ -106,6 +117,7 @@ class Gateway:
             "/healthz": {"GET": self.healthz, "HEAD": self.healthz},
             "/readyz": {"GET": self.readyz, "HEAD": self.readyz},
             "/metrics": {"GET": self.metrics_endpoint},
+            JWKS_PATH: {"GET": self.jwks, "HEAD": self.jwks},
             **self.auth.endpoints(),
         }
         self._stack = contextlib.AsyncExitStack()
@@ -284,6 +296,10 @@ class Gateway:
         openid = identity.openid if identity else None
         unionid = identity.unionid if identity else None
         appid = identity.appid if identity else None
+        # A dict lookup per request: signed once per session and route (cached).
+        signed = (
+            self.asserter.assertion(identity, route.prefix) if identity and self.asserter else None
+        )
         if upgrade:
             headers = self.rules.upstream_request(
                 request.headers,
@@ -294,6 +310,7 @@ class Gateway:
                 unionid=unionid,
                 appid=appid,
                 phone=cast("str | None", phone),
+                assertion=signed,
             )
             return websocket.proxy_websocket(
                 self.websockets,
@@ -313,6 +330,7 @@ class Gateway:
             unionid=unionid,
             appid=appid,
             phone=cast("str | None", phone),
+            assertion=signed,
         )
         if request.content_length is not None and request.content_length > route.max_body:
             raise BodyTooLarge()  # before any 100 Continue invites the body
@@ -358,6 +376,17 @@ class Gateway:
             raise NotReady("The gateway is shutting down.")
         await self.services.check_ready()
         return web.json_response({"status": "ready"})
+
+    async def jwks(self, request: Request) -> web.StreamResponse:
+        """The assertion's public keys (every configured key: the first signs, the
+        others are published for a rotation). Cacheable: a JWK client refetches
+        when it meets an unknown kid, and a rotation waits one max-age."""
+        body = self.asserter.jwks_body if self.asserter else b'{"keys": []}'
+        return web.Response(
+            body=body,
+            content_type="application/json",
+            headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"},
+        )
 
     async def metrics_endpoint(self, request: Request) -> web.StreamResponse:
         body = await asyncio.to_thread(self.metrics.render)  # reads the other workers' files

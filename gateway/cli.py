@@ -1,4 +1,4 @@
-"""The ``gateway`` command: run, check, fake-wechat (contract section 2), users."""
+"""The ``gateway`` command: run, check, fake-wechat (contract section 2), users, storage."""
 
 from __future__ import annotations
 
@@ -57,6 +57,29 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--appid", help="the user's app (with --openid; or narrows --unionid)")
         sub.add_argument("--openid", help="the user's openid in --appid")
         sub.add_argument("--unionid", help="the person's unionid: their records in every app")
+    storage = commands.add_parser("storage", help="copy a store into another (SQLite, Redis)")
+    storage_commands = storage.add_subparsers(dest="storage_command", required=True)
+    migrate = storage_commands.add_parser(
+        "migrate",
+        help="copy users (every app) and live revocations and bans from one store to another;"
+        " idempotent",
+    )
+    migrate.add_argument("--from", dest="source", required=True, metavar="URL")
+    migrate.add_argument("--to", dest="target", required=True, metavar="URL")
+    migrate.add_argument(
+        "-c", "--config", help="take the default appid and storage.prefix from this config"
+    )
+    migrate.add_argument(
+        "--default-appid", help="the app owning a single-app SQLite file's users (or use -c)"
+    )
+    migrate.add_argument("--from-prefix", help="key prefix of a Redis source (default wxgw:)")
+    migrate.add_argument("--to-prefix", help="key prefix of a Redis target (default wxgw:)")
+    keys = commands.add_parser("keys", help="make keys for identity.assertion")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_commands.add_parser(
+        "generate", help="write a new EC P-256 private key (PEM, mode 0600) to PATH"
+    )
+    generate.add_argument("path", metavar="PATH")
     demo = commands.add_parser("demo-upstream", help="run an upstream that echoes what it receives")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=9000)
@@ -91,6 +114,16 @@ def _describe(config: Config) -> str:
     lines = ["apps (the first is the default: logins without appid, older data):"]
     for app in config.wechat.apps:
         lines.append(f"  {app.appid}" + (f"  name={app.name}" if app.name else ""))
+    assertion = config.identity.assertion
+    if assertion is not None:
+        from gateway.auth.assertion import public_jwk
+
+        kids = [public_jwk(k.key)["kid"] for k in assertion.keys]
+        also = f", also published {', '.join(kids[1:])}" if kids[1:] else ""
+        lines.append(
+            f"identity assertion: header {assertion.header}, ttl {assertion.ttl:g}s,"
+            f" signing kid {kids[0]}{also}"
+        )
     lines.append("routes (longest prefix first):")
     for route in Router(config.routes, config.server.max_body).routes:
         cfg = route.config
@@ -144,7 +177,7 @@ def _users(args: argparse.Namespace) -> int:
         return 2
 
     async def act() -> None:
-        storage = open_storage(config.storage.url, config.wechat.default_app.appid)
+        storage = open_storage(config.storage, config.wechat.default_app.appid)
         await storage.open()
         try:
             if args.users_command == "show":
@@ -162,6 +195,61 @@ def _users(args: argparse.Namespace) -> int:
     except StorageError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    return 0
+
+
+def _storage(args: argparse.Namespace) -> int:
+    """``gateway storage migrate``: exit 0 copied, 1 storage failure, 2 bad
+    arguments or config."""
+    import asyncio
+    import time
+
+    from gateway.storage import StorageError
+    from gateway.storage.migrate import copy_store
+    from gateway.storage.redis_url import masked
+    from gateway.storage.urls import store_for
+
+    config = _load(args.config) if args.config else None
+    if args.config and config is None:
+        return 2
+    appid = args.default_appid or (config.wechat.default_app.appid if config else None)
+    prefix = config.storage.prefix if config else "wxgw:"
+    ends = ((args.source, args.from_prefix or prefix), (args.target, args.to_prefix or prefix))
+    if ends[0] == ends[1]:
+        print("--from and --to name the same store: nothing to do", file=sys.stderr)
+        return 2
+    missing = _missing_store(args.source)
+    if missing is not None:
+        print(f"--from: no database at {missing}", file=sys.stderr)
+        return 2
+    try:
+        source, target = (store_for(u, default_appid=appid, prefix=p) for u, p in ends)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+
+    async def act() -> str:
+        # The target first: opening a SQLite source of an older schema upgrades
+        # it, which should not happen for a target that turns out unreachable.
+        await target.open()
+        try:
+            await source.open()
+            try:
+                return str(await copy_store(source, target, time.time()))
+            finally:
+                await source.close()
+        finally:
+            await target.close()
+
+    try:
+        copied = asyncio.run(act())
+    except StorageError as exc:
+        print(str(exc), file=sys.stderr)
+        if appid is None and "appid" in str(exc):
+            print("give --default-appid APPID, or -c CONFIG (its first app)", file=sys.stderr)
+        return 1
+    print(f"copied {copied}")
+    print(f"  from {masked(args.source)}  to {masked(args.target)}")
     return 0
 
 
@@ -264,6 +352,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "users":
         return _users(args)
+    if args.command == "storage":
+        return _storage(args)
+    if args.command == "keys":
+        from gateway.auth.keys import KeyFileExists, generate_key
+
+        try:
+            kid = generate_key(args.path)
+        except KeyFileExists:
+            print(f"{args.path} exists: not overwritten (it may be in use)", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"{args.path}: cannot write ({exc.strerror})", file=sys.stderr)
+            return 1
+        print(f"{args.path}: new EC P-256 key, kid {kid}")
+        return 0
     if args.command == "demo-upstream":
         from gateway import demo
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
+from gateway.auth.assertion import Asserter
 from gateway.auth.identity import Identity, IdentityResolver, land
 from gateway.auth.phones import MISSING
 from gateway.config import AppConfig, Config
@@ -85,8 +86,10 @@ class AuthEndpoints:
         identity: IdentityResolver,
         rules: HeaderRules,
         router: Router,
+        asserter: Asserter | None = None,
     ) -> None:
         self._config = config
+        self._asserter = asserter
         self._router = router
         self._services = services
         self._identity = identity
@@ -221,6 +224,11 @@ class AuthEndpoints:
             phone = await self._phone_of(who)
             if phone:
                 headers[self._rules.phone_header] = phone
+        if self._asserter is not None:
+            # For the route the proxy named; without one, "/" (no route's prefix
+            # but the root's, so an upstream checking its own aud refuses it).
+            audience = route.prefix if route is not None else "/"
+            headers[self._asserter.header] = self._asserter.assertion(who, audience)
         # The bodies keep the contract's fields; the app is in X-AppId.
         return web.json_response({"openid": who.openid, "unionid": who.unionid}, headers=headers)
 

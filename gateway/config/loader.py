@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import secrets
+import ssl
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -343,10 +344,26 @@ def _log(raw: Any, errors: list[str]) -> m.LogConfig:
     return cfg
 
 
+# The stores a URL may name (contract section 10): the embedded SQLite file, or
+# Redis shared by several instances.
+_STORAGE_SCHEMES = ("sqlite", "redis", "rediss", "redis+sentinel")
+
+
 def _storage_url(value: Any) -> str:
     text = _nonempty(value).strip()
-    if not text.startswith("sqlite://"):
-        raise ValueError("only sqlite:// URLs are supported (e.g. sqlite:///./gateway.db)")
+    scheme = text.partition("://")[0] if "://" in text else ""
+    if scheme not in _STORAGE_SCHEMES:
+        raise ValueError(
+            f"{_mask_userinfo(text)!r}: the URL must start with sqlite://, redis://, "
+            "rediss:// or redis+sentinel:// (e.g. sqlite:///./gateway.db)"
+        )
+    return text
+
+
+def _storage_prefix(value: Any) -> str:
+    text = _nonempty(value)
+    if len(text) > 64 or not text.isprintable() or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} must be up to 64 printable characters, no spaces")
     return text
 
 
@@ -503,9 +520,75 @@ def _identity(raw: Any, errors: list[str]) -> m.IdentityConfig:
         unionid_header=s.get("unionid_header", _header_name, m.DEFAULT_UNIONID_HEADER),
         appid_header=s.get("appid_header", _header_name, m.DEFAULT_APPID_HEADER),
         phone_header=s.get("phone_header", _header_name, None),
+        assertion=s.get("assertion", lambda v: _assertion(v, errors), None),
     )
     s.finish()
     return cfg
+
+
+def _assertion(raw: Any, errors: list[str]) -> m.AssertionConfig | None:
+    s = _Section(raw, "identity.assertion", errors)
+    keys = s.get("keys", _list_of(_assertion_key))
+    cfg = m.AssertionConfig(
+        keys=keys or (),
+        header=s.get("header", _header_name, m.DEFAULT_ASSERTION_HEADER),
+        ttl=s.get("ttl", _positive_duration, m.DEFAULT_ASSERTION_TTL),
+    )
+    s.finish()
+    if keys == ():
+        errors.append("identity.assertion.keys: must name at least one key file")
+    return cfg if cfg.keys else None
+
+
+def _assertion_key(value: Any) -> m.AssertionKey:
+    """An EC P-256 private key in PEM (``gateway keys generate`` writes one)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = _nonempty(value)
+    try:
+        with open(path, "rb") as fh:
+            pem = fh.read()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        # Never the file's content: it is a private key.
+        raise ValueError(f"{path}: not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError(f"{path}: not an EC P-256 key (ES256 needs one)")
+    return m.AssertionKey(path, key)
+
+
+def _upstream_tls(raw: Any, path: str, errors: list[str]) -> m.UpstreamTLSConfig | None:
+    s = _Section(raw, path, errors)
+    before = len(errors)
+    ca = s.get("ca", _readable_file, None)
+    cert = s.get("cert", _readable_file, None)
+    key = s.get("key", _readable_file, None)
+    server_name = s.get("server_name", _nonempty, None)
+    s.finish()
+    if (cert is None) != (key is None):
+        errors.append(f"{path}: cert and key go together (a client certificate and its key)")
+    if len(errors) > before:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        if cert is not None:
+            context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        errors.append(f"{path}: the certificates cannot be used ({reason})")
+        return None
+    return m.UpstreamTLSConfig(ca, cert, key, server_name, context)
+
+
+def _readable_file(value: Any) -> str:
+    path = _nonempty(value)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: not a readable file")
+    return path
 
 
 def _route(raw: Any, path: str, default_max_body: int, errors: list[str]) -> m.RouteConfig:
@@ -520,8 +603,15 @@ def _route(raw: Any, path: str, default_max_body: int, errors: list[str]) -> m.R
         websocket=s.get("websocket", _bool, False),
         rate_limit=s.get("rate_limit", parse_rate, None),
         apps=s.get("apps", _app_labels, None),
+        tls=s.get("tls", lambda v: _upstream_tls(v, f"{path}.tls", errors), None),
     )
     s.finish()
+    if (
+        cfg.tls is not None
+        and cfg.upstreams
+        and not any(urlsplit(u).scheme == "https" for u in cfg.upstreams)
+    ):
+        errors.append(f"{path}.tls: the route has no https:// upstream to use it")
     return cfg
 
 
@@ -566,8 +656,13 @@ def _cross_checks(cfg: m.Config, errors: list[str]) -> None:
         return
     # Folded as the header rules fold them: `X_AppId` is `x-appid` to many backends.
     seen: dict[str, str] = {}
-    for key in ("openid_header", "unionid_header", "appid_header", "phone_header"):
-        name = getattr(cfg.identity, key)
+    named = {
+        key: getattr(cfg.identity, key)
+        for key in ("openid_header", "unionid_header", "appid_header", "phone_header")
+    }
+    if cfg.identity.assertion is not None:
+        named["assertion.header"] = cfg.identity.assertion.header
+    for key, name in named.items():
         if name is None:
             continue
         folded = name.lower().replace("_", "-")
@@ -629,7 +724,10 @@ def build_config(raw: Any, env: Mapping[str, str] | None = None) -> m.Config:
     token = _token(raw.get("token"), errors)
     top.known += ["wechat", "token"]
     storage_section = _Section(raw.get("storage"), "storage", errors)
-    storage = m.StorageConfig(url=storage_section.get("url", _storage_url, m.DEFAULT_STORAGE_URL))
+    storage = m.StorageConfig(
+        url=storage_section.get("url", _storage_url, m.DEFAULT_STORAGE_URL),
+        prefix=storage_section.get("prefix", _storage_prefix, m.DEFAULT_STORAGE_PREFIX),
+    )
     storage_section.finish()
     limits_section = _Section(raw.get("rate_limits"), "rate_limits", errors)
     limits = m.RateLimitsConfig(
@@ -642,11 +740,12 @@ def build_config(raw: Any, env: Mapping[str, str] | None = None) -> m.Config:
     identity = _identity(raw.get("identity"), errors)
     log = _log(raw.get("log"), errors)
     top.known += ["storage", "rate_limits", "identity", "log"]
+    upstream_tls = top.get("upstream_tls", lambda v: _upstream_tls(v, "upstream_tls", errors), None)
     no_routes: tuple[m.RouteConfig, ...] = ()
     routes = top.get("routes", lambda v: _routes(v, server.max_body, errors), no_routes)
     top.finish()
     routes = _resolve_route_apps(routes, wechat, errors)
-    cfg = m.Config(server, wechat, token, storage, identity, limits, routes, log)
+    cfg = m.Config(server, wechat, token, storage, identity, limits, routes, log, upstream_tls)
     _cross_checks(cfg, errors)
     if errors:
         raise ConfigError(errors)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import ssl
 from dataclasses import dataclass, field
 from typing import Literal
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.config.units import Rate
 
@@ -36,6 +39,10 @@ DEFAULT_TOKEN_TTL = 2 * 3600.0
 DEFAULT_TOKEN_HEADER = "Authorization"  # noqa: S105 - a header name
 DEFAULT_TOKEN_ISSUER = "wx-gateway"  # noqa: S105 - an issuer name
 DEFAULT_STORAGE_URL = "sqlite:///./gateway.db"
+# Keys of a shared store are namespaced, so several gateways can share one Redis.
+DEFAULT_STORAGE_PREFIX = "wxgw:"
+DEFAULT_ASSERTION_HEADER = "X-Gateway-Assertion"
+DEFAULT_ASSERTION_TTL = 300.0
 DEFAULT_OPENID_HEADER = "X-OpenId"
 DEFAULT_UNIONID_HEADER = "X-UnionId"
 DEFAULT_APPID_HEADER = "X-AppId"
@@ -157,6 +164,42 @@ class TokenConfig:
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     url: str = DEFAULT_STORAGE_URL
+    prefix: str = DEFAULT_STORAGE_PREFIX
+
+
+@dataclass(frozen=True, slots=True)
+class AssertionKey:
+    """One EC P-256 private key of ``identity.assertion.keys``, read at load (so
+    ``gateway check`` reports a key that cannot be used). Never in a repr."""
+
+    path: str
+    key: ec.EllipticCurvePrivateKey = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AssertionConfig:
+    """``identity.assertion`` (contract section 11): the first key signs, every
+    key is published at /.well-known/jwks.json."""
+
+    keys: tuple[AssertionKey, ...]
+    header: str = DEFAULT_ASSERTION_HEADER
+    ttl: float = DEFAULT_ASSERTION_TTL
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLSConfig:
+    """How the gateway opens TLS to an https:// upstream: whom it trusts
+    (``ca``; None: the system's CAs), which client certificate it shows
+    (``cert``/``key``, for upstreams that authenticate callers by mTLS), and the
+    name it expects on the upstream's certificate (``server_name``; None: the
+    URL's host). ``context`` is built once at load, so a file that cannot be
+    used is a config error, not a failed request."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+    context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +209,19 @@ class IdentityConfig:
     appid_header: str = DEFAULT_APPID_HEADER
     # Off by default: a phone number is personal data (docs/security.md).
     phone_header: str | None = None
+    # Off by default: a signed JWT per forwarded request (contract section 11).
+    assertion: AssertionConfig | None = None
 
     def headers(self) -> tuple[str, ...]:
         """Every identity header the gateway sets upstream (and strips from clients)."""
-        named = (self.openid_header, self.unionid_header, self.appid_header, self.phone_header)
+        assertion = self.assertion.header if self.assertion else None
+        named = (
+            self.openid_header,
+            self.unionid_header,
+            self.appid_header,
+            self.phone_header,
+            assertion,
+        )
         return tuple(h for h in named if h)
 
 
@@ -202,6 +254,8 @@ class RouteConfig:
     # The appids whose tokens the route takes (resolved from names at load);
     # None: every configured app.
     apps: frozenset[str] | None = None
+    # TLS to this route's https:// upstreams; None: the top-level upstream_tls.
+    tls: UpstreamTLSConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,3 +268,5 @@ class Config:
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     routes: tuple[RouteConfig, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
+    # TLS to every https:// upstream whose route has no `tls` of its own.
+    upstream_tls: UpstreamTLSConfig | None = None

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
-# Exact paths (after normalisation) of the operational endpoints.
-OWN_EXACT = ("/healthz", "/readyz", "/metrics")
+# Exact paths (after normalisation) of the operational endpoints, and the
+# assertion keys (contract section 11; an empty key set while it is off).
+JWKS_PATH = "/.well-known/jwks.json"
+OWN_EXACT = ("/healthz", "/readyz", "/metrics", JWKS_PATH)
 # The whole of /auth is the gateway's (contract section 4): an unknown
 # /auth/... is a 404, never forwarded.
 OWN_PREFIX = "/auth"

@@ -97,12 +97,17 @@ async def _open(
     for target in candidates or route.balancer.candidates():
         request.upstream = target.url
         head = fwd.head(request.method, target, chunked)
-        pool = fwd.pools.get(target.scheme, target.host, target.port)
+        pool = fwd.pools.by_key(target.pool_key)
         try:
             return await pool.request(request.method, head, body, chunked, route.timeout)
         except ConnectFailed as exc:
-            # Nothing was sent: safe to try the next target even for a POST.
+            # The upstream's application saw nothing: safe to try the next
+            # target even for a POST, unless its body is already spent.
+            if exc.tls_reason is not None:
+                tls_failed(route, target, exc.tls_reason)
             route.balancer.mark_dead(target)
+            if exc.body_spent:
+                raise BodyTooLarge() if state.too_large else UpstreamUnavailable() from None
             timed_out = exc.timed_out
         except (UpstreamUnavailable, UpstreamTimeout):
             if state.too_large:
@@ -111,6 +116,13 @@ async def _open(
     if timed_out:
         raise UpstreamTimeout()
     raise UpstreamUnavailable()
+
+
+def tls_failed(route: Route, target: Target, reason: str) -> None:
+    """The one line an operator needs for a TLS failure: the route, the target
+    and OpenSSL's reason. Never a certificate or a key: the config names files,
+    and OpenSSL's sentences carry neither."""
+    log.warning("route %s: TLS to upstream %s failed: %s", route.prefix, target.url, reason)
 
 
 def forward(
@@ -127,7 +139,7 @@ def forward(
     candidates = fwd.route.balancer.candidates()
     if not request.body_exists:
         target = candidates[0]
-        conn = fwd.pools.get(target.scheme, target.host, target.port).take_idle()
+        conn = fwd.pools.by_key(target.pool_key).take_idle()
         if conn is not None:
             _FastExchange(fwd, request, fail, candidates).start(conn, target)
             return None

@@ -118,6 +118,8 @@ class HeaderRules:
             app.appid: self._appid_prefix + _enc(app.appid) + b"\r\n" for app in config.wechat.apps
         }
         self._phone_prefix = _enc(ident.phone_header) + b": " if ident.phone_header else None
+        assertion = ident.assertion
+        self._assertion_prefix = _enc(assertion.header) + b": " if assertion else b""
         self._drop_out = HOP_BY_HOP
         self._drop_out_raw = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length"}
         self._trusted = config.server.trusted_proxies
@@ -153,6 +155,7 @@ class HeaderRules:
         unionid: str | None,
         appid: str | None = None,
         phone: str | None = None,
+        assertion: str | None = None,
     ) -> CIMultiDict[str]:
         """:meth:`upstream_lines` for decoded headers (WebSocket handshakes)."""
         raw = tuple((_enc(k), _enc(v)) for k, v in inbound.items())
@@ -165,6 +168,7 @@ class HeaderRules:
             unionid=unionid,
             appid=appid,
             phone=phone,
+            assertion=assertion,
         )
         out: CIMultiDict[str] = CIMultiDict()
         for line in lines:
@@ -183,6 +187,7 @@ class HeaderRules:
         unionid: str | None,
         appid: str | None = None,
         phone: str | None = None,
+        assertion: str | None = None,
     ) -> list[bytes]:
         """The header lines sent upstream: inbound minus everything the gateway
         owns, then the gateway's own forwarded, request-id and identity headers.
@@ -232,6 +237,8 @@ class HeaderRules:
                 out.append(line or self._appid_prefix + _enc(appid) + b"\r\n")
             if phone and self._phone_prefix is not None:
                 out.append(self._phone_prefix + _enc(phone) + b"\r\n")
+            if assertion:
+                out.append(self._assertion_prefix + assertion.encode() + b"\r\n")
         return out
 
     def downstream_lines(

@@ -28,6 +28,14 @@ firewall forgot silently waits out the route timeout. The sweep costs the hot
 path one comparison: the idle list is a stack, so the entries below its lowest
 point since the last sweep have not been touched for a whole sweep interval.
 
+An https target's connections are opened with its route's :class:`UpstreamTLS`
+(the CA it trusts, the client certificate it shows, the name it expects), and
+pools are keyed by it: two routes to one host:port that show different client
+certificates never share a connection. A handshake that fails, or an upstream
+that drops a new TLS connection before its first byte (how TLS 1.3 servers
+refuse a client certificate: after the handshake), is :class:`ConnectFailed`
+with OpenSSL's reason, so the caller can name it and try the next target.
+
 This module and :mod:`gateway.server` are the only places that use aiohttp's
 internal modules (``tests/test_layout.py`` checks it): here the llhttp
 response parser, ``BaseProtocol`` with its ``_parser`` slot and
@@ -39,8 +47,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import ClientPayloadError, ClientWebSocketResponse, ServerTimeoutError
@@ -58,12 +68,15 @@ __all__ = [
     "ConnectFailed",
     "ExchangeFailed",
     "HostPool",
+    "PoolKey",
     "RawResponseMessage",  # the response head, for gateway.proxy.forward
     "UpstreamConnection",
     "UpstreamPools",
     "UpstreamResponse",
+    "UpstreamTLS",
     "build_head",
     "drop_websocket",
+    "tls_reason",
     "websocket_transport",
 ]
 
@@ -71,23 +84,74 @@ MAX_IDLE_PER_TARGET = 256
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
-class ConnectFailed(Exception):
-    """Nothing was sent: the connection could not be opened (refused or timed out)."""
+# Compared by identity (eq=False): the router makes one per distinct TLS setting,
+# so a pool key hashes it at C speed, with no field-by-field comparison.
+@dataclass(frozen=True, slots=True, eq=False)
+class UpstreamTLS:
+    """How connections to an https target are opened: ``context`` (trusted CAs
+    and any client certificate, built at config load) and the name expected on
+    the upstream's certificate and sent as SNI (None: the target's host)."""
 
-    def __init__(self, timed_out: bool) -> None:
-        super().__init__("connect timed out" if timed_out else "connection refused")
+    context: ssl.SSLContext
+    server_name: str | None = None
+
+
+# (scheme, host, port, TLS): one HostPool each; routing.Target computes its own once.
+PoolKey = tuple[str, str, int, UpstreamTLS | None]
+
+
+class ConnectFailed(Exception):
+    """The upstream's application saw nothing: the connection could not be
+    opened (refused or timed out) or its TLS handshake failed (``tls_reason``,
+    OpenSSL's words). ``body_spent``: a request body had started out (into a
+    TLS connection the upstream then refused), so no other target can have it."""
+
+    def __init__(
+        self, timed_out: bool, tls_reason: str | None = None, *, body_spent: bool = False
+    ) -> None:
+        super().__init__("connect timed out" if timed_out else tls_reason or "connection refused")
         self.timed_out = timed_out
+        self.tls_reason = tls_reason
+        self.body_spent = body_spent
 
 
 class ExchangeFailed(Exception):
     """The upstream gave no usable response head."""
 
-    def __init__(self, *, timed_out: bool = False, stale: bool = False) -> None:
+    def __init__(
+        self, *, timed_out: bool = False, stale: bool = False, tls_reason: str | None = None
+    ) -> None:
         super().__init__("timed out" if timed_out else "failed")
         self.timed_out = timed_out
         # Closed before sending a single byte of the response: a keep-alive
         # connection the upstream had dropped while it sat idle.
         self.stale = stale
+        # A new TLS connection lost before its first byte: the upstream refused
+        # the handshake after it completed on our side (a TLS 1.3 server checks
+        # the client certificate then).
+        self.tls_reason = tls_reason
+
+
+# "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate has
+# expired (_ssl.c:1006)": the sentence between the code and the source line.
+_OPENSSL_SENTENCE = re.compile(r"^\[[^\]]*\]\s*(.*?)\s*\(_ssl\.c:\d+\)$")
+# A new TLS connection closed before any answer, with no alert to say why.
+CLOSED_AFTER_HANDSHAKE = (
+    "the upstream closed the connection right after the TLS handshake, before any answer "
+    "(did it refuse the gateway's client certificate?)"
+)
+
+
+def tls_reason(exc: BaseException | None) -> str:
+    """Why a TLS connection failed, in OpenSSL's words ("certificate verify
+    failed: certificate has expired", "tlsv13 alert certificate required").
+    Never a certificate or a key: OpenSSL's messages carry neither."""
+    if isinstance(exc, ssl.SSLError):
+        found = _OPENSSL_SENTENCE.match(str(exc))
+        if found and found.group(1):
+            return found.group(1)
+        return str(exc.reason or exc.strerror or type(exc).__name__)
+    return CLOSED_AFTER_HANDSHAKE
 
 
 OnHead = Callable[[RawResponseMessage | None, StreamReader | None, ExchangeFailed | None], None]
@@ -114,6 +178,7 @@ class UpstreamConnection(BaseProtocol):
         self._reusable: HttpResponseParser | None = None
         self._head_only = False
         self._out: bytes | None = None  # a request head held for the loop's pass
+        self._answered = False  # any byte ever received: the TLS handshake was accepted
 
     # -- one exchange -----------------------------------------------------------------
     def begin(self, method: str, timeout: float, on_head: OnHead, *, timing: bool) -> None:
@@ -203,7 +268,7 @@ class UpstreamConnection(BaseProtocol):
             if parser is None:
                 self.close()
             return
-        self._received = True
+        self._received = self._answered = True
         if self._timing:
             self._last = self.loop.time()
         try:
@@ -266,7 +331,10 @@ class UpstreamConnection(BaseProtocol):
                 pass
             if not payload.is_eof():
                 payload.set_exception(ClientPayloadError("the upstream closed mid-body"))
-        self._fail(ExchangeFailed(stale=not self._received))
+        refused = None
+        if self.pool.tls is not None and not self._answered:
+            refused = tls_reason(exc)
+        self._fail(ExchangeFailed(stale=not self._received, tls_reason=refused))
 
     def _fail(self, error: ExchangeFailed) -> None:
         callback = self._on_head
@@ -306,12 +374,15 @@ class HostPool:
         self,
         host: str,
         port: int,
-        tls: ssl.SSLContext | None,
+        tls: UpstreamTLS | None,
         idle_timeout: float,
     ) -> None:
         self._host = host
         self._port = port
-        self._tls = tls
+        self.tls = tls
+        self._context = tls.context if tls is not None else None
+        # Sent as SNI and checked against the certificate.
+        self._server_name = (tls.server_name or host) if tls is not None else None
         # Most recently released last: taken from the end, so the hot connections
         # stay hot and the ones at the front are the longest idle.
         self._idle: list[UpstreamConnection] = []
@@ -329,13 +400,19 @@ class HostPool:
                     lambda: UpstreamConnection(loop, self),
                     self._host,
                     self._port,
-                    ssl=self._tls,
-                    server_hostname=self._host if self._tls else None,
+                    ssl=self._context,
+                    server_hostname=self._server_name,
                 ),
                 connect_timeout,
             )
         except TimeoutError:
             raise ConnectFailed(timed_out=True) from None
+        except ssl.SSLError as exc:  # before OSError, its base
+            raise ConnectFailed(False, tls_reason(exc)) from None
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+            # Connected, then cut: over TLS, during the handshake.
+            reason = f"the connection was cut during the TLS handshake ({exc.strerror})"
+            raise ConnectFailed(False, reason if self.tls is not None else None) from None
         except OSError:
             raise ConnectFailed(timed_out=False) from None
         return conn
@@ -475,6 +552,10 @@ async def _exchange(
         await _cancel(writer)
         if body_error is not None:
             raise body_error from None
+        if exc.tls_reason is not None:
+            # The upstream refused this new connection at the TLS layer: its
+            # application saw nothing, like a refused connect.
+            raise ConnectFailed(False, exc.tls_reason, body_spent=body is not None) from None
         if exc.timed_out:
             raise UpstreamTimeout() from None
         if exc.stale and body is None and method in IDEMPOTENT:
@@ -539,20 +620,28 @@ def build_head(
 
 
 class UpstreamPools:
-    """One HostPool per (host, port), created on first use."""
+    """One HostPool per (scheme, host, port, TLS setting), created on first use."""
 
     def __init__(self, idle_timeout: float) -> None:
-        self._pools: dict[tuple[str, str, int], HostPool] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._pools: dict[PoolKey, HostPool] = {}
+        self._default_tls: UpstreamTLS | None = None
         self._idle_timeout = idle_timeout
 
-    def get(self, scheme: str, host: str, port: int) -> HostPool:
-        pool = self._pools.get((scheme, host, port))
+    def get(self, scheme: str, host: str, port: int, tls: UpstreamTLS | None = None) -> HostPool:
+        """The pool for a target; https with no ``tls`` uses the system's CAs."""
+        return self.by_key((scheme, host, port, tls))
+
+    def by_key(self, key: PoolKey) -> HostPool:
+        """The pool for a key computed once (``routing.Target.pool_key``): the
+        request path builds no tuple."""
+        pool = self._pools.get(key)
         if pool is None:
-            tls = None
-            if scheme == "https":
-                tls = self._tls = self._tls or ssl.create_default_context()
-            pool = self._pools[(scheme, host, port)] = HostPool(host, port, tls, self._idle_timeout)
+            scheme, host, port, tls = key
+            if scheme == "https" and tls is None:
+                tls = self._default_tls = self._default_tls or UpstreamTLS(
+                    ssl.create_default_context()
+                )
+            pool = self._pools[key] = HostPool(host, port, tls, self._idle_timeout)
         return pool
 
     def close(self) -> None:

@@ -8,7 +8,9 @@ until either side, the token's lifetime or the gateway's stop ends it.
 Upstream WebSockets go through one long-lived aiohttp ``ClientSession`` of
 their own (HTTP requests use the lean pool, :mod:`gateway.proxy.pool`): it
 never decompresses, stores no cookies and adds no default headers, so the
-handshake the upstream sees is the client's, minus the header rules.
+handshake the upstream sees is the client's, minus the header rules. An
+https target is reached with its route's TLS (client certificate, CA, server
+name), as the HTTP pool reaches it, and a failed handshake is reported alike.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from yarl import URL
 from gateway.auth.identity import Identity
 from gateway.auth.revocations import Revocations
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
-from gateway.proxy.pool import drop_websocket
+from gateway.proxy.forward import tls_failed
+from gateway.proxy.pool import drop_websocket, tls_reason
 from gateway.proxy.relay import CLOSE_TIMEOUT, Lifetime, Limits, Relay
 from gateway.proxy.routing import Route, Target
 from gateway.server.request import Request
@@ -197,6 +200,7 @@ async def _connect(
 ) -> aiohttp.ClientWebSocketResponse:
     """The upstream side of the socket, from the first target that accepts."""
     for target in route.balancer.candidates():
+        tls = target.tls
         try:
             # The route timeout bounds the handshake as it bounds a response
             # head: the session itself has no timeout (bodies stream for long).
@@ -210,8 +214,22 @@ async def _connect(
                     autoping=True,
                     # The relay passes each close frame on (gateway.proxy.relay).
                     autoclose=False,
+                    # The route's TLS, as the HTTP pool uses it (gateway.proxy.routing).
+                    ssl=tls.context if tls is not None else True,
+                    server_hostname=tls.server_name if tls is not None else None,
                 )
+        except aiohttp.ClientSSLError as exc:  # before ClientConnectorError, its base
+            tls_failed(route, target, tls_reason(exc.os_error))
+            route.balancer.mark_dead(target)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+            route.balancer.mark_dead(target)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if tls is None:
+                raise UpstreamUnavailable() from None
+            # A new TLS connection lost before the handshake's answer: the
+            # upstream refused us at the TLS layer (TLS 1.3 servers check a
+            # client certificate after the handshake completed on our side).
+            tls_failed(route, target, tls_reason(exc.__cause__))
             route.balancer.mark_dead(target)
         except aiohttp.WSServerHandshakeError as exc:
             raise UpstreamUnavailable(

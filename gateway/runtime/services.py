@@ -14,11 +14,11 @@ from aiohttp import web
 from gateway.auth.phones import Phones
 from gateway.auth.revocations import Revocations
 from gateway.auth.tokens import TokenCodec
-from gateway.config import Config
+from gateway.config import Config, StorageConfig
 from gateway.errors import NotReady
 from gateway.observability.metrics import Metrics
 from gateway.storage import Storage, StorageError
-from gateway.storage.sqlite import SQLiteStorage, sqlite_path_from_url
+from gateway.storage.urls import store_for
 from gateway.wechat.access_token import AccessTokens
 from gateway.wechat.client import WechatClient
 
@@ -30,10 +30,11 @@ FAKE_WARNING = (
 )
 
 
-def open_storage(url: str, default_appid: str) -> Storage:
-    """The store at ``url``. ``default_appid`` owns what a single-app release wrote
-    (users, access token), which the store cannot know by itself."""
-    return SQLiteStorage(sqlite_path_from_url(url), default_appid=default_appid)
+def open_storage(config: StorageConfig, default_appid: str) -> Storage:
+    """The store ``storage.url`` names, its keys under ``storage.prefix`` when it is
+    shared. ``default_appid`` owns what a single-app release wrote (users, access
+    token), which the store cannot know by itself."""
+    return store_for(config.url, default_appid=default_appid, prefix=config.prefix)
 
 
 class Services:
@@ -46,7 +47,7 @@ class Services:
         self.tokens = TokenCodec.for_config(config)
         # The default app: data and tokens from before apps existed belong to it.
         self.appid = config.wechat.default_app.appid
-        self.storage = open_storage(config.storage.url, self.appid)
+        self.storage = open_storage(config.storage, self.appid)
         self.phones = Phones(self.storage)
         # Revoked ids are kept locally a bit longer than any token can live.
         retain = 2 * (config.token.ttl + config.token.leeway) + 60

@@ -25,6 +25,7 @@ where issue times would be at the mercy of clocks on different machines.
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -154,6 +155,31 @@ class Storage(abc.ABC):
         """Drop revocations whose token has expired, and user events past their
         ``until`` (a ``phone`` event is kept for PHONE_EVENT_RETAIN); returns how
         many rows went."""
+
+    # -- reading everything out and back in (``gateway storage migrate``) ---
+    @abc.abstractmethod
+    def all_users(self) -> AsyncIterator[UserRecord]:
+        """Every user record of every app, in batches (a store may hold millions)."""
+
+    @abc.abstractmethod
+    async def import_user(self, user: UserRecord) -> None:
+        """Store a record copied from another store: every field as given, except
+        that the epoch never goes down (a lower one would bring revoked tokens
+        back). Idempotent."""
+
+    @abc.abstractmethod
+    async def live_revocations(self, now: float) -> list[tuple[str, float]]:
+        """``(session_id, expires_at)`` of every revocation still in force at ``now``
+        (the ones ``purge_expired(now)`` would keep), oldest first."""
+
+    @abc.abstractmethod
+    async def live_user_events(self, now: float) -> list[tuple[UserEvent, float]]:
+        """``(event, until)`` of every user event ``purge_expired(now)`` would keep,
+        in feed order."""
+
+    @abc.abstractmethod
+    async def append_user_event(self, event: UserEvent, until: float, now: float) -> None:
+        """Append a copy of ``event`` as it is (kept until ``until``) to the feed."""
 
     # -- WeChat access tokens: one per app, shared by all workers ----------
     @abc.abstractmethod

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import random
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,6 +83,17 @@ _REVOKE_USER = f"""UPDATE users SET epoch = epoch + 1 WHERE appid = ? AND openid
 _INSERT_EVENT = """INSERT INTO user_events (kind, appid, openid, epoch, until)
     VALUES (?, ?, ?, ?, ?)"""
 _KINDS: dict[str, UserEventKind] = {"revoke": "revoke", "phone": "phone"}
+# A migration's copy of a record: the epoch never goes down (a lower one would
+# bring revoked tokens back).
+_IMPORT_USER = """INSERT INTO users
+    (appid, openid, unionid, session_key, phone_number, created_at, last_login_at, epoch)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (appid, openid) DO UPDATE SET
+        unionid = excluded.unionid, session_key = excluded.session_key,
+        phone_number = excluded.phone_number, created_at = excluded.created_at,
+        last_login_at = excluded.last_login_at, epoch = MAX(users.epoch, excluded.epoch)"""
+_USERS_AFTER = _SELECT_USERS + " WHERE (appid, openid) > (?, ?) ORDER BY appid, openid LIMIT ?"
+USERS_BATCH = 500
 
 
 def sqlite_path_from_url(url: str) -> str:
@@ -304,6 +315,69 @@ class SQLiteStorage(Storage):
             return gone
 
         return await self._run("purge_expired", purge)
+
+    # -- reading everything out (migration) --------------------------------
+    async def all_users(self) -> AsyncIterator[UserRecord]:
+        # Keyset pages: no transaction stays open between two batches.
+        after = ("", "")
+        while True:
+
+            async def page(conn: aiosqlite.Connection, key: tuple[str, str] = after) -> list[Any]:
+                return list(await conn.execute_fetchall(_USERS_AFTER, (*key, USERS_BATCH)))
+
+            rows = await self._run("all_users", page, write=False)
+            for row in rows:
+                yield _user(row)
+            if len(rows) < USERS_BATCH:
+                return
+            after = (rows[-1]["appid"], rows[-1]["openid"])
+
+    async def import_user(self, user: UserRecord) -> None:
+        await self._write(
+            "import_user",
+            _IMPORT_USER,
+            (
+                user.appid,
+                user.openid,
+                user.unionid,
+                user.session_key,
+                user.phone_number,
+                user.created_at,
+                user.last_login_at,
+                user.epoch,
+            ),
+        )
+
+    async def live_revocations(self, now: float) -> list[tuple[str, float]]:
+        async def live(conn: aiosqlite.Connection) -> list[tuple[str, float]]:
+            rows = await conn.execute_fetchall(
+                "SELECT session_id, expires_at FROM revocations WHERE expires_at >= ? ORDER BY id",
+                (now,),
+            )
+            return [(row["session_id"], row["expires_at"]) for row in rows]
+
+        return await self._run("live_revocations", live, write=False)
+
+    async def live_user_events(self, now: float) -> list[tuple[UserEvent, float]]:
+        async def live(conn: aiosqlite.Connection) -> list[tuple[UserEvent, float]]:
+            rows = list(
+                await conn.execute_fetchall(
+                    "SELECT id, kind, appid, openid, epoch, until FROM user_events "
+                    "WHERE until >= ? ORDER BY id",
+                    (now,),
+                )
+            )
+            known = [row for row in rows if row["kind"] in _KINDS]
+            return list(zip(_events(known), (row["until"] for row in known), strict=True))
+
+        return await self._run("live_user_events", live, write=False)
+
+    async def append_user_event(self, event: UserEvent, until: float, now: float) -> None:
+        await self._write(
+            "append_user_event",
+            _INSERT_EVENT,
+            (event.kind, event.appid, event.openid, event.epoch, until),
+        )
 
     # -- WeChat access token -----------------------------------------------
     async def get_access_token(self, appid: str) -> AccessToken | None:

@@ -235,7 +235,7 @@ def test_each_bad_list_item_is_its_own_line_under_its_own_path() -> None:
         ),
         (
             lambda r: r.update(storage={"url": "postgres://x"}),
-            "storage.url: only sqlite:// URLs are supported",
+            "storage.url: 'postgres://x': the URL must start with sqlite://, redis://",
         ),
         (
             lambda r: r.update(rate_limits={"login_per_ip": "lots"}),

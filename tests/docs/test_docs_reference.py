@@ -20,6 +20,7 @@ SECTIONS = {
     "rate_limits": model.RateLimitsConfig,
     "routes": model.RouteConfig,
     "log": model.LogConfig,
+    "upstream_tls": model.UpstreamTLSConfig,
 }
 YAML_NAMES = {"upstreams": "upstream"}
 
@@ -35,6 +36,8 @@ def test_every_config_key_is_documented_in_its_section() -> None:
     for section, cls in SECTIONS.items():
         text = section_text(section)
         for field in dataclasses.fields(cls):
+            if not field.repr:
+                continue  # built at load (an SSL context), not a YAML key
             key = YAML_NAMES.get(field.name, field.name)
             assert f"| `{key}` |" in text, f"{section}.{key} is not documented"
 

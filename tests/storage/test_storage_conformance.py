@@ -1,7 +1,8 @@
 """What every storage backend must do, then what the SQLite file must survive.
 
-The first half is parametrised over ``BACKENDS``: a new backend adds one factory
-there and runs every conformance test unchanged. Time is passed in (``now``), so
+The first half is parametrised over ``BACKENDS`` (SQLite, and Redis: a real
+redis-server, tests/support/redis.py): a new backend adds one factory there and
+runs every conformance test unchanged. Time is passed in (``now``), so
 nothing here sleeps to make something expire.
 """
 
@@ -19,10 +20,21 @@ from pathlib import Path
 
 import pytest
 
-from gateway.storage import PHONE_EVENT_RETAIN, AccessToken, Storage, StorageError, UserEvent
+from gateway.storage import (
+    PHONE_EVENT_RETAIN,
+    AccessToken,
+    Storage,
+    StorageError,
+    UserEvent,
+    UserRecord,
+)
+from gateway.storage.redis import RedisStorage
 from gateway.storage.sqlite import SCHEMA_VERSION, SQLiteStorage, sqlite_path_from_url
 from gateway.wechat.access_token import lease_name
 from tests.support import ROOT
+from tests.support.redis import RedisServer, redis_server, unique_prefix
+
+__all__ = ["redis_server"]  # a fixture: imported for pytest to find
 
 Factory = Callable[[], Storage]
 
@@ -30,17 +42,30 @@ Factory = Callable[[], Storage]
 APP = "wx-app-a"
 OTHER_APP = "wx-app-b"
 
-# Each backend: tmp_path -> a factory of fresh, unopened instances on the same data,
-# so tests can close one and open another (persistence).
-BACKENDS: dict[str, Callable[[Path], Factory]] = {
+
+def _sqlite(request: pytest.FixtureRequest, tmp: Path) -> Factory:
     # The parent directory does not exist yet: open() must create it.
-    "sqlite": lambda tmp: lambda: SQLiteStorage(tmp / "state" / "gateway.db"),
+    return lambda: SQLiteStorage(tmp / "state" / "gateway.db")
+
+
+def _redis(request: pytest.FixtureRequest, tmp: Path) -> Factory:
+    # One redis-server for the session; a prefix of its own is a fresh store.
+    server: RedisServer = request.getfixturevalue("redis_server")
+    prefix = unique_prefix()
+    return lambda: RedisStorage(server.url, prefix=prefix)
+
+
+# Each backend: a factory of fresh, unopened instances on the same data, so
+# tests can close one and open another (persistence).
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Factory]] = {
+    "sqlite": _sqlite,
+    "redis": _redis,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
-    return BACKENDS[request.param](tmp_path)
+    return BACKENDS[request.param](request, tmp_path)
 
 
 @pytest.fixture
@@ -415,6 +440,79 @@ async def test_lease_release_only_by_its_holder(storage: Storage) -> None:
     await storage.release_lease("refresh", "a")
     assert await storage.acquire_lease("refresh", "b", ttl=10.0, now=1.0)
     await storage.release_lease("never-taken", "a")
+
+
+# -- reading everything out and back in (migration) ---------------------------
+
+
+async def test_all_users_lists_every_record_of_every_app(storage: Storage) -> None:
+    # More than one page of every backend's batches (500), so paging is exercised.
+    made = [(APP if i % 2 else OTHER_APP, f"o:{i}") for i in range(1100)]
+    for i, (appid, openid) in enumerate(made):
+        await storage.upsert_login(appid, openid, f"u-{i % 7}", f"key-{i}", now=float(i))
+    await storage.set_phone(APP, "o-phone-only", "13800138000", now=5.0)
+    await storage.revoke_user(APP, "o:1", now=6.0, until=500.0)
+
+    found = [user async for user in storage.all_users()]
+    assert sorted((u.appid, u.openid) for u in found) == sorted([*made, (APP, "o-phone-only")])
+    by_key = {(u.appid, u.openid): u for u in found}
+    assert by_key[(APP, "o:1")] == await storage.get_user(APP, "o:1")
+    assert by_key[(APP, "o:1")].epoch == 1
+    assert by_key[(APP, "o-phone-only")].phone_number == "13800138000"
+
+
+async def test_all_users_of_an_empty_store(storage: Storage) -> None:
+    assert [user async for user in storage.all_users()] == []
+
+
+async def test_import_user_stores_the_record_as_given(storage: Storage) -> None:
+    record = UserRecord(APP, "o-1", "u-1", "key-1", "13800138000", 10.0, 20.0, epoch=3)
+    await storage.import_user(record)
+    assert await storage.get_user(APP, "o-1") == record
+    assert await storage.users_by_unionid("u-1") == [record]
+    await storage.import_user(record)  # idempotent
+    assert [u async for u in storage.all_users()] == [record]
+
+    # Every field from the copy, the unionid index following it...
+    moved = UserRecord(APP, "o-1", "u-2", None, None, 11.0, 21.0, epoch=5)
+    await storage.import_user(moved)
+    assert await storage.get_user(APP, "o-1") == moved
+    assert await storage.users_by_unionid("u-1") == []
+    assert await storage.users_by_unionid("u-2") == [moved]
+    # ...but the epoch never goes down: that would bring revoked tokens back.
+    await storage.import_user(record)
+    user = await storage.get_user(APP, "o-1")
+    assert user is not None and (user.epoch, user.unionid, user.session_key) == (5, "u-1", "key-1")
+    # A login after an import is an ordinary login on that record.
+    again = await storage.upsert_login(APP, "o-1", None, "key-9", now=30.0)
+    assert (again.created_at, again.epoch, again.phone_number) == (10.0, 5, "13800138000")
+
+
+async def test_live_revocations_are_the_ones_purge_keeps(storage: Storage) -> None:
+    await storage.revoke_session("s-old", expires_at=100.0, now=1.0)
+    await storage.revoke_session("s-edge", expires_at=150.0, now=1.0)
+    await storage.revoke_session("s-live", expires_at=300.5, now=1.0)
+    assert await storage.live_revocations(now=150.0) == [("s-edge", 150.0), ("s-live", 300.5)]
+    await storage.purge_expired(now=150.0)
+    assert await storage.live_revocations(now=0.0) == [("s-edge", 150.0), ("s-live", 300.5)]
+
+
+async def test_live_user_events_and_append(storage: Storage) -> None:
+    await storage.upsert_login(APP, "o-1", None, "k", now=1.0)
+    await storage.revoke_user(APP, "o-1", now=2.0, until=100.0)
+    await storage.revoke_user(APP, "o-1", now=3.0, until=400.0)
+    await storage.set_phone(OTHER_APP, "o-2", "13800138000", now=4.0)
+    assert await storage.live_user_events(now=200.0) == [
+        (UserEvent("revoke", APP, "o-1", 2), 400.0),
+        (UserEvent("phone", OTHER_APP, "o-2", 0), 4.0 + PHONE_EVENT_RETAIN),
+    ]
+
+    _, cursor = await storage.user_events_since(0)
+    copied = UserEvent("revoke", OTHER_APP, "o-9", 7)
+    await storage.append_user_event(copied, until=900.0, now=5.0)
+    # Workers see a copied event like any other, after their cursor.
+    assert (await storage.user_events_since(cursor))[0] == [copied]
+    assert (await storage.live_user_events(now=500.0))[-1] == (copied, 900.0)
 
 
 # -- lifecycle ----------------------------------------------------------------
