@@ -47,10 +47,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import ClientPayloadError, ClientWebSocketResponse, ServerTimeoutError
@@ -60,10 +58,12 @@ from aiohttp.http_parser import HttpParser, HttpResponseParser, RawResponseMessa
 from aiohttp.streams import StreamReader
 
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.proxy.tls import CLOSED_AFTER_HANDSHAKE, UpstreamTLS, tls_reason
 from gateway.server.batching import WriteBatch
 from gateway.server.framing import holds_bytes
 
 __all__ = [
+    "CLOSED_AFTER_HANDSHAKE",
     "IDEMPOTENT",
     "ConnectFailed",
     "ExchangeFailed",
@@ -82,18 +82,6 @@ __all__ = [
 
 MAX_IDLE_PER_TARGET = 256
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-
-
-# Compared by identity (eq=False): the router makes one per distinct TLS setting,
-# so a pool key hashes it at C speed, with no field-by-field comparison.
-@dataclass(frozen=True, slots=True, eq=False)
-class UpstreamTLS:
-    """How connections to an https target are opened: ``context`` (trusted CAs
-    and any client certificate, built at config load) and the name expected on
-    the upstream's certificate and sent as SNI (None: the target's host)."""
-
-    context: ssl.SSLContext
-    server_name: str | None = None
 
 
 # (scheme, host, port, TLS): one HostPool each; routing.Target computes its own once.
@@ -130,28 +118,6 @@ class ExchangeFailed(Exception):
         # the handshake after it completed on our side (a TLS 1.3 server checks
         # the client certificate then).
         self.tls_reason = tls_reason
-
-
-# "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate has
-# expired (_ssl.c:1006)": the sentence between the code and the source line.
-_OPENSSL_SENTENCE = re.compile(r"^\[[^\]]*\]\s*(.*?)\s*\(_ssl\.c:\d+\)$")
-# A new TLS connection closed before any answer, with no alert to say why.
-CLOSED_AFTER_HANDSHAKE = (
-    "the upstream closed the connection right after the TLS handshake, before any answer "
-    "(did it refuse the gateway's client certificate?)"
-)
-
-
-def tls_reason(exc: BaseException | None) -> str:
-    """Why a TLS connection failed, in OpenSSL's words ("certificate verify
-    failed: certificate has expired", "tlsv13 alert certificate required").
-    Never a certificate or a key: OpenSSL's messages carry neither."""
-    if isinstance(exc, ssl.SSLError):
-        found = _OPENSSL_SENTENCE.match(str(exc))
-        if found and found.group(1):
-            return found.group(1)
-        return str(exc.reason or exc.strerror or type(exc).__name__)
-    return CLOSED_AFTER_HANDSHAKE
 
 
 OnHead = Callable[[RawResponseMessage | None, StreamReader | None, ExchangeFailed | None], None]

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 from gateway.config import RouteConfig, UpstreamTLSConfig
 from gateway.config.model import AuthPolicy
 from gateway.proxy.paths import NormalisedPath
-from gateway.proxy.pool import PoolKey, UpstreamTLS
+from gateway.proxy.pool import PoolKey
+from gateway.proxy.tls import UpstreamTLS
 from gateway.ratelimit import RateLimiter
 
 # Contract section 8: a target that refused a connection or timed out on connect

@@ -27,9 +27,10 @@ from gateway.auth.identity import Identity
 from gateway.auth.revocations import Revocations
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.proxy.forward import tls_failed
-from gateway.proxy.pool import drop_websocket, tls_reason
+from gateway.proxy.pool import drop_websocket
 from gateway.proxy.relay import CLOSE_TIMEOUT, Lifetime, Limits, Relay
 from gateway.proxy.routing import Route, Target
+from gateway.proxy.tls import tls_reason
 from gateway.server.request import Request
 from gateway.server.websocket import ClientSocket, handover
 

@@ -27,8 +27,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.config import ConfigError, build_config
-from gateway.proxy.pool import CLOSED_AFTER_HANDSHAKE
 from gateway.proxy.routing import Router
+from gateway.proxy.tls import CLOSED_AFTER_HANDSHAKE
 from tests.support.certs import Authority, Issued, server_context
 from tests.support.errors import error_of
 from tests.support.gateway import StartGateway, base_config, route, url_of
