@@ -61,6 +61,7 @@ from gateway.proxy.paths import BadPath, NormalisedPath, normalise, split_target
 from gateway.proxy.pool import UpstreamPools
 from gateway.proxy.relay import Limits
 from gateway.proxy.routing import Route, Router
+from gateway.ratelimit_shared import RouteLimits
 from gateway.runtime.services import Services
 from gateway.server.request import Request
 from gateway.storage import StorageError
@@ -87,6 +88,13 @@ class Gateway:
         self.rules = HeaderRules(config)
         self.metrics = Metrics(os.environ.get(METRICS_DIR_ENV))
         self.services = Services(config, clock=clock, metrics=self.metrics)
+        # Route rate limits: across instances on a shared store, per process otherwise.
+        self.route_limits = RouteLimits(
+            self.router.routes,
+            self.services.storage,
+            ipv6_prefix=config.rate_limits.ipv6_prefix,
+            clock=clock,
+        )
         self.identity = IdentityResolver(
             config, self.services.tokens, self.services.sessions, clock
         )
@@ -127,6 +135,8 @@ class Gateway:
         """Open the long-lived resources, each closed by :meth:`close` in reverse."""
         await self.services.start()
         self._stack.push_async_callback(self.services.close)
+        await self.route_limits.start()
+        self._stack.push_async_callback(self.route_limits.close)
         self._stack.callback(self.pools.close)
         await self.websockets.start()
         # Open sockets get 1001, then their client session closes.
@@ -289,9 +299,10 @@ class Gateway:
             # Keys are namespaced ("o:", "ip:") so an openid never collides with
             # an address; with several apps one person has one openid per app.
             if identity:
-                route.limiter.check("o:" + identity.appid + ":" + identity.openid)
+                self.route_limits.check(route, "o:" + identity.appid + ":" + identity.openid)
             else:
-                route.limiter.check_client(self.rules.client_ip(request.headers, request.remote))
+                client = self.rules.client_ip(request.headers, request.remote)
+                self.route_limits.check_client(route, client)
         upstream_path = route.upstream_path(path)
         openid = identity.openid if identity else None
         unionid = identity.unionid if identity else None

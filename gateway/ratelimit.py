@@ -1,4 +1,5 @@
-"""Token-bucket rate limits, per key (client network or openid), per worker process.
+"""Token-bucket rate limits, per key (client network or openid), per worker process,
+and the login limit, which counts across instances on a shared store.
 
 Limits are kept in memory: a limit checked on every request cannot afford a
 storage round trip. With ``workers: N`` each worker enforces the rate on the
@@ -9,6 +10,10 @@ A client is its IPv4 address, or its IPv6 network (``rate_limits.ipv6_prefix``,
 a /64 by default): an ISP hands each subscriber a whole /64, so one client can
 use billions of addresses, and counting each as a client would make the limit
 meaningless (nginx-style limiters and CDNs group the same way).
+
+With a shared store (Redis) ``rate_limits.login_per_ip`` is exact across
+instances (:class:`LoginLimiter`: one atomic call per login) and route limits
+count across instances from local shares (:mod:`gateway.ratelimit_shared`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from collections.abc import Callable
 
 from gateway.config import Rate
 from gateway.errors import RateLimited
+from gateway.storage import Storage
+from gateway.storage.base import SharedCounters
 
 # The most keys tracked. Buckets are kept in order of last use, so the oldest
 # come first: a refilled one (it carries no information) is dropped as soon as
@@ -91,3 +98,25 @@ class RateLimiter:
             if not refilled and len(buckets) <= self._max_keys:
                 return
             del buckets[key]
+
+
+class LoginLimiter:
+    """``rate_limits.login_per_ip``: across instances on a shared store, per process
+    otherwise."""
+
+    def __init__(self, rate: Rate, storage: Storage, *, ipv6_prefix: int) -> None:
+        self._rate = rate
+        self._ipv6_prefix = ipv6_prefix
+        self._shared = storage if isinstance(storage, SharedCounters) else None
+        self._local = RateLimiter(rate, ipv6_prefix=ipv6_prefix)
+
+    async def check_client(self, address: str) -> None:
+        """Take one login for the client at ``address`` or raise RateLimited.
+        StorageError when the shared store cannot answer (bounded by its timeout)."""
+        if self._shared is None:
+            self._local.check_client(address)
+            return
+        key = "login:" + client_network(address, self._ipv6_prefix)
+        wait = await self._shared.take_token(key, self._rate.per_second, self._rate.burst)
+        if wait > 0:
+            raise RateLimited(retry_after=max(1, math.ceil(wait)))

@@ -30,7 +30,7 @@ from gateway.errors import (
 from gateway.proxy.headers import HeaderRules
 from gateway.proxy.paths import BadPath, normalise, split_target
 from gateway.proxy.routing import Router
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import LoginLimiter
 from gateway.wechat import crypto
 from gateway.wechat.client import PhoneInfo, phone_info_from
 
@@ -95,8 +95,11 @@ class AuthEndpoints:
         self._identity = identity
         self._rules = rules
         rate = config.rate_limits.login_per_ip
+        # Across instances on a shared store (one call per login), per process otherwise.
         self._login_limiter = (
-            RateLimiter(rate, ipv6_prefix=config.rate_limits.ipv6_prefix) if rate else None
+            LoginLimiter(rate, services.storage, ipv6_prefix=config.rate_limits.ipv6_prefix)
+            if rate
+            else None
         )
 
     def endpoints(self) -> dict[str, dict[str, Endpoint]]:
@@ -111,7 +114,9 @@ class AuthEndpoints:
 
     async def login(self, request: Request) -> web.StreamResponse:
         if self._login_limiter is not None:
-            self._login_limiter.check_client(self._rules.client_ip(request.headers, request.remote))
+            await self._login_limiter.check_client(
+                self._rules.client_ip(request.headers, request.remote)
+            )
         body = await read_json_object(request)
         code = string_field(body, "code", MAX_CODE_LENGTH)
         app = self._app_of(body)

@@ -70,6 +70,10 @@ class IdentityResolver:
             raise TokenInvalid("More than one token header.")
         token = bearer_from_header(values[0] if values else None, self._bearer)
         claims = self._tokens.verify(token, self._clock())
+        # A shared store unread for storage.max_staleness: 503, not a token judged
+        # on revocations that old (one attribute test otherwise). Here, so the
+        # proxy path, /auth/verify and every /auth/* call with a token obey it.
+        self._revocations.check_fresh()
         if self._revocations.is_revoked(claims):
             raise TokenRevoked()
         return claims

@@ -12,6 +12,18 @@ says when a user's phone number changed (``on_phone``: the phone header's cache)
 What outlives a request (an open WebSocket) watches its session: the watcher is
 called the moment this worker learns of the logout or the ban, by its own hand
 or by the poll.
+
+Push, where the store has it (Redis: :meth:`Storage.changes`): a wake-up makes
+the worker read the feeds at once instead of at the next poll. The poll stays,
+as the catch-up and the only way with SQLite; and after each (re)subscription
+the feeds are read once, so a wake-up missed while disconnected is never a
+missed revocation. Push and poll only wake one reader, so reads never overlap.
+
+A shared store can be unreachable while the worker goes on serving (contract
+section 10). Then the local set is only as good as the last feed read: with
+``max_staleness`` set (a shared store), once no read has succeeded for that
+long, :meth:`Revocations.check_fresh` refuses tokens (503) until one does, so a
+revocation made through another instance cannot go unseen longer than that.
 """
 
 from __future__ import annotations
@@ -19,15 +31,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
+from gateway.errors import StorageUnavailable
 from gateway.storage import Storage, StorageError
 
 log = logging.getLogger("gateway.sessions")
 
 POLL_INTERVAL = 0.25
 PURGE_INTERVAL = 600.0
+# After a subscription failed: soon enough to be back within a second or so of
+# the store, rare enough to cost nothing while it is down (the poll goes on).
+RESUBSCRIBE_DELAY = 1.0
 
 
 class Session(Protocol):
@@ -52,6 +69,7 @@ class Revocations:
         retain: float,
         poll_interval: float = POLL_INTERVAL,
         on_phone: Callable[[str, str], None] | None = None,
+        max_staleness: float | None = None,
     ) -> None:
         self._storage = storage
         self._clock = clock
@@ -65,7 +83,9 @@ class Revocations:
         self._bans: dict[tuple[str, str], tuple[int, float]] = {}
         self._event_cursor = 0
         self._on_phone = on_phone
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()  # push: read the feeds now
+        self.freshness = Freshness(max_staleness)
         self._watchers: dict[str, set[Callable[[], None]]] = {}
         self._user_watchers: dict[tuple[str, str], set[tuple[int, Callable[[], None]]]] = {}
 
@@ -123,16 +143,34 @@ class Revocations:
         for on_revoked in self._watchers.pop(session_id, ()):
             self._notify(on_revoked)
 
+    def check_fresh(self) -> None:
+        """Raise StorageUnavailable (503) when the revocations known here are older
+        than ``max_staleness``: a token cannot be judged on them any more. On the
+        path of every request with a token: one attribute test."""
+        if self.freshness.stale:
+            raise StorageUnavailable()
+
     async def start(self) -> None:
-        await self.refresh()
-        self._task = asyncio.create_task(self._poll(), name="revocation-poll")
+        """Read the feeds, then keep reading them. Without ``max_staleness`` (a
+        local store) a first read that fails is fatal, as an unusable file is;
+        with it (a shared store) the worker starts degraded and tokens are refused
+        until a read succeeds."""
+        if self.freshness.max_staleness is None:
+            await self.refresh()
+            self.freshness.read()
+        else:
+            await self._read_feeds()
+        self._tasks.append(asyncio.create_task(self._reader(), name="revocation-feeds"))
+        self._tasks.append(asyncio.create_task(self._follow(), name="revocation-push"))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self.freshness.close()
 
     async def revoke(self, session_id: str, expires_at: float) -> None:
         """Store the revocation (durable before it returns), then apply it here."""
@@ -152,19 +190,49 @@ class Revocations:
             elif event.kind == "phone" and self._on_phone is not None:
                 self._on_phone(event.appid, event.openid)
 
-    async def _poll(self) -> None:
+    async def _read_feeds(self) -> None:
+        try:
+            await self.refresh()
+        except StorageError as exc:
+            # Serve with what is known; Freshness logs the outage once and,
+            # past max_staleness, refuses tokens.
+            self.freshness.failed(exc)
+        else:
+            self.freshness.read()
+
+    async def _reader(self) -> None:
+        """The one task that reads the feeds: on a wake-up, or every poll interval."""
         last_purge = self._clock()
         while True:
-            await asyncio.sleep(self._poll_interval)
-            try:
-                await self.refresh()
-                if self._clock() - last_purge > PURGE_INTERVAL:
-                    last_purge = self._clock()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval):
+                    await self._wake.wait()
+            # Cleared before the read: a wake-up during the read means another.
+            self._wake.clear()
+            await self._read_feeds()
+            if self.freshness.up and self._clock() - last_purge > PURGE_INTERVAL:
+                last_purge = self._clock()
+                try:
                     await self._storage.purge_expired(last_purge)
-                    self._forget_old(last_purge)
+                except StorageError as exc:
+                    log.warning("storage: purging expired revocations failed: %s", exc)
+                self._forget_old(last_purge)
+
+    async def _follow(self) -> None:
+        """Wake the reader whenever the store says the feeds changed, and once
+        after each subscription (the catch-up); subscribe again after a failure."""
+        while True:
+            changes = self._storage.changes()
+            if changes is None:
+                return  # no push (SQLite): the poll alone
+            try:
+                async with contextlib.aclosing(changes):
+                    async for _ in changes:
+                        self._wake.set()
             except StorageError as exc:
-                # Keep serving with what is known; readiness reports the storage fault.
-                log.warning("revocation poll failed: %s", exc)
+                # The outage itself is reported by the feed reads (Freshness).
+                log.debug("revocation push: %s", exc)
+            await asyncio.sleep(RESUBSCRIBE_DELAY)
 
     def _forget_old(self, now: float) -> None:
         cutoff = now - self._retain
@@ -172,3 +240,65 @@ class Revocations:
             del self._revoked[session_id]
         for user in [u for u, (_, t) in self._bans.items() if t < cutoff]:
             del self._bans[user]
+
+
+class Freshness:
+    """How recent this worker's view of the feeds is: ``up`` (the last read
+    succeeded), the age of the last successful read (``/metrics``), and ``stale``
+    (no successful read for ``max_staleness`` seconds; None: never stale).
+
+    The outage is logged once when it starts and once when it ends, not per
+    poll. ``stale`` is a flag a timer sets, re-armed by each successful read, so
+    the request path tests an attribute instead of reading a clock."""
+
+    def __init__(self, max_staleness: float | None) -> None:
+        self.max_staleness = max_staleness
+        self.up: bool | None = None  # None: no read tried yet
+        # With a bound, nothing is known before the first read: tokens wait for it.
+        self.stale = max_staleness is not None
+        self._last_read = time.monotonic()  # the start counts as a read for the age
+        self._down_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def age(self) -> float:
+        """Seconds since the last successful read (since the start, before one)."""
+        return time.monotonic() - self._last_read
+
+    def read(self) -> None:
+        now = time.monotonic()
+        if self.up is False:
+            log.info(
+                "storage: revocations read again after %.1f s of outage", now - self._down_since
+            )
+        self.up, self._last_read = True, now
+        if self.max_staleness is not None:
+            self.stale = False
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(self.max_staleness, self._expire)
+
+    def failed(self, exc: StorageError) -> None:
+        if self.up is not False:
+            self._down_since = time.monotonic()
+            bound = self.max_staleness
+            then = (
+                f"tokens are accepted on what is known for {bound:g} s after the last read "
+                "(storage.max_staleness), then refused with 503 until the store is back"
+                if bound is not None
+                else "serving with the revocations known"
+            )
+            log.warning("storage: revocations cannot be read (%s); %s", exc, then)
+        self.up = False
+
+    def _expire(self) -> None:
+        self.stale, self._timer = True, None
+        log.warning(
+            "storage: no revocation read for %g s (storage.max_staleness): requests "
+            "with a token are answered 503 storage_unavailable until the store is back",
+            self.max_staleness,
+        )
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -367,6 +367,40 @@ def _storage_prefix(value: Any) -> str:
     return text
 
 
+def _duration_between(low: float, high: float | None) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds < low or (high is not None and seconds > high):
+            upper = f" and at most {high:g}s" if high is not None else ""
+            raise ValueError(f"must be at least {low:g}s{upper}")
+        return seconds
+
+    return parse
+
+
+def _storage(raw: Any, errors: list[str]) -> m.StorageConfig:
+    s = _Section(raw, "storage", errors)
+    storage = m.StorageConfig(
+        url=s.get("url", _storage_url, m.DEFAULT_STORAGE_URL),
+        prefix=s.get("prefix", _storage_prefix, m.DEFAULT_STORAGE_PREFIX),
+        wait_replicas=s.get("wait_replicas", _int_range(0, 64), 0),
+        wait_timeout=s.get(
+            "wait_timeout",
+            _duration_between(0.001, m.MAX_STORAGE_WAIT_TIMEOUT),
+            m.DEFAULT_STORAGE_WAIT_TIMEOUT,
+        ),
+        max_staleness=s.get(
+            "max_staleness", _duration_between(m.MIN_MAX_STALENESS, None), m.DEFAULT_MAX_STALENESS
+        ),
+    )
+    if storage.wait_replicas and not storage.shared:
+        errors.append(
+            "storage.wait_replicas: only for a Redis store (SQLite has no replicas); remove it"
+        )
+    s.finish()
+    return storage
+
+
 def _route_prefix(value: Any) -> str:
     from gateway.proxy.paths import BadPath, normalise  # local: paths is a leaf module
 
@@ -723,12 +757,7 @@ def build_config(raw: Any, env: Mapping[str, str] | None = None) -> m.Config:
     wechat = _wechat(raw.get("wechat"), errors)
     token = _token(raw.get("token"), errors)
     top.known += ["wechat", "token"]
-    storage_section = _Section(raw.get("storage"), "storage", errors)
-    storage = m.StorageConfig(
-        url=storage_section.get("url", _storage_url, m.DEFAULT_STORAGE_URL),
-        prefix=storage_section.get("prefix", _storage_prefix, m.DEFAULT_STORAGE_PREFIX),
-    )
-    storage_section.finish()
+    storage = _storage(raw.get("storage"), errors)
     limits_section = _Section(raw.get("rate_limits"), "rate_limits", errors)
     limits = m.RateLimitsConfig(
         login_per_ip=limits_section.get(

@@ -41,6 +41,14 @@ DEFAULT_TOKEN_ISSUER = "wx-gateway"  # noqa: S105 - an issuer name
 DEFAULT_STORAGE_URL = "sqlite:///./gateway.db"
 # Keys of a shared store are namespaced, so several gateways can share one Redis.
 DEFAULT_STORAGE_PREFIX = "wxgw:"
+# A revocation waits for no replica unless asked (docs/deployment.md, durability);
+# a wait must end before the store's 2 s reply timeout.
+DEFAULT_STORAGE_WAIT_TIMEOUT = 1.0
+MAX_STORAGE_WAIT_TIMEOUT = 1.5
+# How long a worker that cannot read a shared store's revocations goes on
+# accepting tokens on what it knows; at least a few polls.
+DEFAULT_MAX_STALENESS = 30.0
+MIN_MAX_STALENESS = 1.0
 DEFAULT_ASSERTION_HEADER = "X-Gateway-Assertion"
 DEFAULT_ASSERTION_TTL = 300.0
 DEFAULT_OPENID_HEADER = "X-OpenId"
@@ -165,6 +173,17 @@ class TokenConfig:
 class StorageConfig:
     url: str = DEFAULT_STORAGE_URL
     prefix: str = DEFAULT_STORAGE_PREFIX
+    # Redis only: a logout or a ban waits until this many replicas have it
+    # (Redis WAIT), for at most wait_timeout seconds.
+    wait_replicas: int = 0
+    wait_timeout: float = DEFAULT_STORAGE_WAIT_TIMEOUT
+    # Redis only: seconds without a revocation read before tokens get 503.
+    max_staleness: float = DEFAULT_MAX_STALENESS
+
+    @property
+    def shared(self) -> bool:
+        """A store several instances share (Redis), as opposed to the local file."""
+        return not self.url.startswith("sqlite:")
 
 
 @dataclass(frozen=True, slots=True)

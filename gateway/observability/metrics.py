@@ -19,12 +19,17 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 # Seconds; the proxy path sits in the low milliseconds, WeChat in the hundreds.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -32,6 +37,9 @@ SAVE_EVERY = 1.0
 # The environment variable the supervisor sets for its workers.
 DIR_ENV = "WX_GATEWAY_METRICS_DIR"
 OWN = "(own)"  # the route label of the gateway's own endpoints
+# A worker's gauges are shown while its file is this fresh: a dead worker's file
+# is kept for its counters, but its storage state would be a false alarm.
+GAUGE_FRESH = 5 * SAVE_EVERY
 # WeChat errcodes that keep their own ``errcode`` label value: the contract's
 # table (40029/40163 invalid_code, 45011, 40226, -1 busy), the access-token
 # codes (40001/40014/42001), and the two an operator must see to fix a
@@ -75,6 +83,9 @@ class Metrics:
         self.wechat_errors: Counter[tuple[str, str]] = Counter()
         self.token_fetches: Counter[str] = Counter()
         self.revocations = 0
+        # The worker's view of storage: (last feed read succeeded, seconds since
+        # the last successful one); set by the services that read the feeds.
+        self.storage_state: Callable[[], tuple[bool, float]] | None = None
         self._dir = Path(directory) if directory else None
         self._file = self._dir / f"{os.getpid()}.json" if self._dir else None
 
@@ -113,7 +124,15 @@ class Metrics:
             "wechat_errors": [[a, o, n] for (a, o), n in self.wechat_errors.items()],
             "token_fetches": dict(self.token_fetches),
             "revocations": self.revocations,
+            "storage": self._storage_snapshot(),
         }
+
+    def _storage_snapshot(self) -> list[Any] | None:
+        if self.storage_state is None:
+            return None
+        up, age = self.storage_state()
+        # The age is as of now; the reader adds how long the file waited.
+        return [os.getpid(), int(up), age, time.time()]
 
     def save(self) -> None:
         """Write this worker's counts for the others' /metrics (atomic rename)."""
@@ -207,6 +226,33 @@ class _Collector:
             "Sessions revoked by logout.",
             value=sum(int(s.get("revocations", 0)) for s in snaps),
         )
+        yield from _storage_gauges(snaps)
+
+
+def _storage_gauges(snapshots: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Per worker (label ``worker``: its pid), from workers whose file is fresh."""
+    up = GaugeMetricFamily(
+        "wxgateway_storage_up",
+        "1 when the worker's last read of the revocation feeds succeeded, else 0.",
+        labels=["worker"],
+    )
+    age = GaugeMetricFamily(
+        "wxgateway_storage_feed_age_seconds",
+        "Seconds since the worker last read the revocation feeds successfully.",
+        labels=["worker"],
+    )
+    now = time.time()
+    for snap in snapshots:
+        state = snap.get("storage")
+        if not state:
+            continue
+        pid, is_up, seconds, saved = state
+        if now - saved > GAUGE_FRESH:
+            continue
+        up.add_metric([str(pid)], is_up)
+        age.add_metric([str(pid)], seconds + max(now - saved, 0.0))
+    yield up
+    yield age
 
 
 def _sum_rows(snapshots: list[dict[str, Any]], key: str) -> Counter[tuple[Any, Any]]:

@@ -4,6 +4,7 @@ the shared access token."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -30,11 +31,23 @@ FAKE_WARNING = (
 )
 
 
+# While a shared store could not be opened at start: how often to try again.
+REOPEN_EVERY = 1.0
+
+
 def open_storage(config: StorageConfig, default_appid: str) -> Storage:
     """The store ``storage.url`` names, its keys under ``storage.prefix`` when it is
     shared. ``default_appid`` owns what a single-app release wrote (users, access
     token), which the store cannot know by itself."""
-    return store_for(config.url, default_appid=default_appid, prefix=config.prefix)
+    store = store_for(config.url, default_appid=default_appid, prefix=config.prefix)
+    if config.wait_replicas:
+        # Imported here: the Redis client is loaded only for a Redis store (the
+        # loader allows wait_replicas with nothing else).
+        from gateway.storage.redis import RedisStorage
+
+        if isinstance(store, RedisStorage):
+            store.wait_for_replicas(config.wait_replicas, config.wait_timeout)
+    return store
 
 
 class Services:
@@ -51,7 +64,18 @@ class Services:
         self.phones = Phones(self.storage)
         # Revoked ids are kept locally a bit longer than any token can live.
         retain = 2 * (config.token.ttl + config.token.leeway) + 60
-        self.sessions = Revocations(self.storage, clock, retain=retain, on_phone=self.phones.forget)
+        # A shared store may be down while this instance serves: tokens are then
+        # accepted for at most max_staleness on the revocations known. A local
+        # file that fails is a fault of this instance alone (readiness reports it).
+        self.shared = config.storage.shared
+        self.sessions = Revocations(
+            self.storage,
+            clock,
+            retain=retain,
+            on_phone=self.phones.forget,
+            max_staleness=config.storage.max_staleness if self.shared else None,
+        )
+        self.metrics.storage_state = self._storage_state
         self.wechat = WechatClient(config.wechat, observe=self.metrics.wechat_call)
         # One shared access token per app: its own cache, lease and refetches.
         self.access_tokens = {
@@ -71,8 +95,7 @@ class Services:
         try:
             if self.config.wechat.fake:
                 await self._start_fake()
-            await self.storage.open()
-            self._stack.push_async_callback(self.storage.close)
+            await self._open_storage()
             await self.sessions.start()
             self._stack.push_async_callback(self.sessions.close)
             await self.wechat.start()
@@ -80,6 +103,38 @@ class Services:
         except BaseException:
             await self._stack.aclose()
             raise
+
+    async def _open_storage(self) -> None:
+        """Open the store. A shared one that cannot be reached does not stop the
+        start (every instance would stay down with it): this one serves degraded,
+        tokens refused until the feeds are read, and opens the store when it can."""
+        self._stack.push_async_callback(self.storage.close)
+        try:
+            await self.storage.open()
+        except StorageError as exc:
+            if not self.shared:
+                raise
+            log.warning(
+                "%s; starting without the store, opening it again every %g s", exc, REOPEN_EVERY
+            )
+            retry = asyncio.create_task(self._open_later(), name="storage-open")
+            self._stack.push_async_callback(_cancel, retry)  # before the close above
+
+    async def _open_later(self) -> None:
+        while True:
+            await asyncio.sleep(REOPEN_EVERY)
+            try:
+                await self.storage.open()
+            except StorageError as exc:
+                log.debug("storage: still cannot open: %s", exc)
+                continue
+            return  # the next feed read logs the end of the outage
+
+    def _storage_state(self) -> tuple[bool, float]:
+        """For /metrics: did the last feed read succeed, and how old is the last
+        successful one (seconds)."""
+        freshness = self.sessions.freshness
+        return bool(freshness.up), freshness.age()
 
     async def _start_fake(self) -> None:
         from gateway.wechat import fake
@@ -104,7 +159,18 @@ class Services:
         await self._stack.aclose()
 
     async def check_ready(self) -> None:
+        if self.shared:
+            # Every instance shares the store: a 503 here would take the whole fleet
+            # out of the load balancer at once (contract section 10). The outage
+            # shows in /metrics and the log instead.
+            return
         try:
             await self.storage.ping()
         except StorageError:
             raise NotReady("Storage is not usable.") from None
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -25,7 +25,7 @@ where issue times would be at the mercy of clocks on different machines.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,6 +103,17 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise StorageError unless the store can be read *and* written (readiness)."""
+
+    def changes(self) -> AsyncGenerator[None, None] | None:
+        """Push, for a store that has it (optional; the default is None: workers poll).
+
+        An async generator that yields once as soon as it listens (read the feeds
+        then: that read catches up on whatever was appended while nobody listened)
+        and once whenever a revocation or user event may have been appended since.
+        It raises StorageError when it stops listening; call again to listen anew.
+        A wake-up only: what changed is always read from the feeds, so a lost or
+        duplicated wake-up costs time, never a revocation."""
+        return None
 
     # -- users -------------------------------------------------------------
     @abc.abstractmethod
@@ -186,7 +197,14 @@ class Storage(abc.ABC):
     async def get_access_token(self, appid: str) -> AccessToken | None: ...
 
     @abc.abstractmethod
-    async def put_access_token(self, appid: str, token: AccessToken) -> None: ...
+    async def put_access_token(self, appid: str, token: AccessToken, fence: int = 0) -> bool:
+        """Store app ``appid``'s token, written under lease fence ``fence`` (what
+        :meth:`acquire_lease` returned). Refused, nothing written, False, when a write
+        with a newer fence was seen for this app (kept even when the token is
+        cleared): a holder that stalled past its lease (GC pause, slow WeChat) must
+        not overwrite the token of whoever took the lease after it. The check and
+        the write are one atomic step. ``fence=0``: an unfenced write, refused once
+        any fenced one was seen."""
 
     @abc.abstractmethod
     async def clear_access_token(self, appid: str, token: str) -> None:
@@ -195,10 +213,44 @@ class Storage(abc.ABC):
 
     # -- leases: one holder at a time across processes ---------------------
     @abc.abstractmethod
-    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
-        """Take lease ``name`` for ``holder`` if free or expired; True when taken
-        (or already held by ``holder``, which renews it)."""
+    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> int | None:
+        """Take lease ``name`` for ``holder`` if free or expired. Returns its fencing
+        number, or None when someone else holds it. Each new holding gets a number
+        higher than any before it for ``name`` (1 first, never reused, whatever
+        releases or expiries came between); a renewal by the holder keeps its
+        number. Writes made under the lease pass the number on, so the store can
+        refuse a holder that lost the lease without knowing it (fencing)."""
 
     @abc.abstractmethod
     async def release_lease(self, name: str, holder: str) -> None:
         """Give the lease back if ``holder`` still holds it."""
+
+
+class SharedCounters(abc.ABC):
+    """Counters every instance on one shared store sees: rate limits across
+    instances (:mod:`gateway.ratelimit_shared`). Only a store several gateways
+    share implements it; on SQLite each process counts on its own. Both calls read
+    the store's clock, so instances whose clocks differ still agree."""
+
+    @abc.abstractmethod
+    async def take_token(self, key: str, per_second: float, burst: int) -> float:
+        """Take one request from bucket ``key`` (``per_second`` refill, ``burst``
+        deep) in one atomic step: 0.0 when taken, else the seconds until one would
+        be (nothing taken)."""
+
+    @abc.abstractmethod
+    async def claim_shares(
+        self,
+        member: str,
+        claims: Sequence[tuple[str, int, int, int]],
+        *,
+        ttl: float,
+        live_for: float,
+    ) -> tuple[int, list[int]]:
+        """In one atomic step: mark ``member`` (one worker) live and forget members
+        silent for ``live_for`` seconds; then for each ``(counter, delta, want,
+        limit)``, add ``delta`` to the counter (what this worker spent beyond what
+        it had claimed, or, negative, what it gives back), then grant it up to
+        ``want`` more of what ``limit`` leaves, adding the grant too. Counters
+        expire ``ttl`` seconds after their last change. Returns the number of live
+        members and each grant, in order."""

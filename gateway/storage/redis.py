@@ -21,18 +21,21 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
 from gateway.storage import redis_lua as lua
+from gateway.storage import redis_push as push
 from gateway.storage.base import (
     PHONE_EVENT_RETAIN,
     AccessToken,
+    SharedCounters,
     Storage,
     StorageError,
     UserEvent,
@@ -69,7 +72,7 @@ def _ttl(until: float, now: float) -> int:
     return math.ceil(max(until - now, 0.0) + TTL_MARGIN)
 
 
-class RedisStorage(Storage):
+class RedisStorage(Storage, SharedCounters):
     """The store in the Redis at ``url``, every key under ``prefix``.
 
     ``default_appid`` is accepted for symmetry with SQLite: a Redis store never
@@ -98,6 +101,9 @@ class RedisStorage(Storage):
         self._unionid = p + "unionid:"
         self._rev = (p + "rev:seq", p + "rev:ids", p + "rev:exp")
         self._ev = (p + "ev:seq", p + "ev:feed", p + "ev:until")
+        # Every append to a feed publishes here (redis_push: wake-ups).
+        self.channel = p + "changes"
+        self._replicas = push.Replicas()
 
     def __repr__(self) -> str:
         state = "open" if self._conn is not None else "closed"
@@ -147,6 +153,46 @@ class RedisStorage(Storage):
 
         await self._call("ping", check)
 
+    # -- push and replicas (redis_push) --------------------------------------
+    def changes(self) -> AsyncGenerator[None, None]:
+        return self._changes()
+
+    async def _changes(self) -> AsyncGenerator[None, None]:
+        conn = self._conn
+        if conn is None:
+            raise StorageError("storage: changes called while the store is closed")
+        try:
+            async with contextlib.aclosing(push.wake_ups(conn.client, self.channel)) as wakes:
+                async for _ in wakes:
+                    yield None
+        except RedisError as exc:
+            reason = self._scrub(f"{type(exc).__name__}: {exc}")
+            raise StorageError(f"storage: listening on {self.url} failed ({reason})") from None
+
+    def wait_for_replicas(self, replicas: int, timeout: float) -> None:
+        """Make each revocation (a logout, a ban) wait, before it returns, until
+        ``replicas`` replicas have it or ``timeout`` seconds passed (Redis ``WAIT``).
+        Fewer acknowledgements are logged, not raised: the primary has the write
+        and every worker already learns it from there (docs/deployment.md)."""
+        if not 0 < timeout < self._timeout:
+            raise ValueError(f"must be above 0 and below the reply timeout ({self._timeout:g} s)")
+        self._replicas = push.Replicas(replicas, timeout)
+
+    async def _replicated(self, what: str, script: str, keys: list[str], args: list[Any]) -> Any:
+        """``_script``, then WAIT for the replicas when asked to."""
+        replicas = self._replicas
+        if not replicas.count:
+            return await self._script(what, script, keys, args)
+
+        async def run(r: Any) -> tuple[Any, int]:
+            if script not in self._scripts:
+                self._scripts[script] = r.register_script(script)
+            return await push.write_and_wait(r, self._scripts[script], keys, args, replicas)
+
+        result, acknowledged = await self._call(what, run)
+        replicas.acknowledged(acknowledged)
+        return result
+
     # -- users -------------------------------------------------------------
     async def upsert_login(
         self, appid: str, openid: str, unionid: str | None, session_key: str, now: float
@@ -165,6 +211,7 @@ class RedisStorage(Storage):
         member, key, users = self._user_keys(appid, openid)
         until = now + PHONE_EVENT_RETAIN
         args = [member, phone_number, repr(now), appid, openid, repr(until), _ttl(until, now)]
+        args.append(self.channel)
         await self._script("set_phone", lua.SET_PHONE, [key, users, *self._ev], args)
 
     async def users_by_unionid(self, unionid: str) -> list[UserRecord]:
@@ -189,8 +236,9 @@ class RedisStorage(Storage):
         self, appid: str, openid: str, now: float, until: float
     ) -> UserRecord | None:
         _, key, users = self._user_keys(appid, openid)
-        args = [appid, openid, repr(until), _ttl(until, now)]
-        fields = await self._script("revoke_user", lua.REVOKE_USER, [key, users, *self._ev], args)
+        args = [appid, openid, repr(until), _ttl(until, now), self.channel]
+        keys = [key, users, *self._ev]
+        fields = await self._replicated("revoke_user", lua.REVOKE_USER, keys, args)
         return _user(appid, openid, _pairs(fields)) if fields else None
 
     async def user_events_since(self, cursor: int) -> tuple[list[UserEvent], int]:
@@ -204,8 +252,8 @@ class RedisStorage(Storage):
 
     # -- sessions ----------------------------------------------------------
     async def revoke_session(self, session_id: str, expires_at: float, now: float) -> None:
-        args = [session_id, repr(expires_at), _ttl(expires_at, now)]
-        await self._script("revoke_session", lua.REVOKE_SESSION, list(self._rev), args)
+        args = [session_id, repr(expires_at), _ttl(expires_at, now), self.channel]
+        await self._replicated("revoke_session", lua.REVOKE_SESSION, list(self._rev), args)
 
     async def revoked_since(self, cursor: int) -> tuple[list[str], int]:
         return await self._since("revoked_since", self._rev, cursor)
@@ -280,6 +328,7 @@ class RedisStorage(Storage):
 
     async def append_user_event(self, event: UserEvent, until: float, now: float) -> None:
         args = [event.kind, event.appid, event.openid, event.epoch, repr(until), _ttl(until, now)]
+        args.append(self.channel)
         await self._script("append_user_event", lua.APPEND_EVENT, list(self._ev), args)
 
     # -- WeChat access token -----------------------------------------------
@@ -290,24 +339,49 @@ class RedisStorage(Storage):
         )
         return AccessToken(token, float(expires_at)) if token is not None else None
 
-    async def put_access_token(self, appid: str, token: AccessToken) -> None:
+    async def put_access_token(self, appid: str, token: AccessToken, fence: int = 0) -> bool:
         key = f"{self.prefix}at:{_part(appid)}"
-        mapping = {"token": token.token, "expires_at": repr(token.expires_at)}
-        await self._call("put_access_token", lambda r: r.hset(key, mapping=mapping))
+        args = [token.token, repr(token.expires_at), fence]
+        return bool(await self._script("put_access_token", lua.PUT_IF_NEWER_FENCE, [key], args))
 
     async def clear_access_token(self, appid: str, token: str) -> None:
         key = f"{self.prefix}at:{_part(appid)}"
         await self._script("clear_access_token", lua.FORGET_IF_SAME, [key], [token])
 
     # -- leases ------------------------------------------------------------
-    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> int | None:
         key = f"{self.prefix}lease:{_part(name)}"
+        keys = [key, f"{self.prefix}fence:{_part(name)}"]
         args = [holder, repr(now + ttl), repr(now), _ttl(now + ttl, now)]
-        return bool(await self._script("acquire_lease", lua.ACQUIRE_LEASE, [key], args))
+        fence = int(await self._script("acquire_lease", lua.ACQUIRE_LEASE, keys, args))
+        return fence or None
 
     async def release_lease(self, name: str, holder: str) -> None:
         key = f"{self.prefix}lease:{_part(name)}"
         await self._script("release_lease", lua.RELEASE_LEASE, [key], [holder])
+
+    # -- counters shared by every instance (rate limits) --------------------
+    async def take_token(self, key: str, per_second: float, burst: int) -> float:
+        args = [repr(1.0 / per_second), burst]
+        return float(await self._script("take_token", lua.GCRA_TAKE, [self._rl(key)], args))
+
+    async def claim_shares(
+        self,
+        member: str,
+        claims: Sequence[tuple[str, int, int, int]],
+        *,
+        ttl: float,
+        live_for: float,
+    ) -> tuple[int, list[int]]:
+        keys = [self.prefix + "rl:live", *(self._rl(claim[0]) for claim in claims)]
+        args: list[Any] = [member, repr(live_for), math.ceil(ttl * 1000)]
+        for _, delta, want, limit in claims:
+            args += [delta, want, limit]
+        reply = await self._script("claim_shares", lua.CLAIM_SHARES, keys, args)
+        return int(reply[0]), [int(grant) for grant in reply[1:]]
+
+    def _rl(self, key: str) -> str:
+        return f"{self.prefix}rl:{key}"
 
     # -- calls -------------------------------------------------------------
     async def _script(self, what: str, script: str, keys: list[str], args: list[Any]) -> Any:

@@ -25,17 +25,18 @@ end
 """
 
 # append_event(...) appends one event to the feed named by KEYS_EV (seq, feed,
-# until); returns its id.
+# until) and wakes the workers listening on `channel`; returns its id.
 _APPEND_EVENT = (
     _EXTEND
     + """
-local function append_event(kind, appid, openid, epoch, keep, ttl)
+local function append_event(kind, appid, openid, epoch, keep, ttl, channel)
   local id = redis.call('INCR', KEYS_EV[1])
   local member = cjson.encode({id, kind, appid, openid, epoch})
   redis.call('ZADD', KEYS_EV[2], id, member)
   redis.call('ZADD', KEYS_EV[3], keep, member)
   extend(KEYS_EV[2], ttl)
   extend(KEYS_EV[3], ttl)
+  redis.call('PUBLISH', channel, 'ev')
   return id
 end
 """
@@ -61,7 +62,7 @@ return redis.call('HGETALL', key)
 """
 
 # KEYS: user, users, ev seq, ev feed, ev until.
-# ARGV: member, phone, now, appid, openid, until, ttl.
+# ARGV: member, phone, now, appid, openid, until, ttl, channel.
 SET_PHONE = (
     _EVENT_KEYS
     + _APPEND_EVENT
@@ -73,12 +74,12 @@ redis.call('HSETNX', key, 'epoch', 0)
 redis.call('HSET', key, 'phone_number', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
 local epoch = tonumber(redis.call('HGET', key, 'epoch'))
-append_event('phone', ARGV[4], ARGV[5], epoch, ARGV[6], tonumber(ARGV[7]))
+append_event('phone', ARGV[4], ARGV[5], epoch, ARGV[6], tonumber(ARGV[7]), ARGV[8])
 return epoch
 """
 )
 
-# KEYS: user, users, ev seq, ev feed, ev until. ARGV: appid, openid, until, ttl.
+# KEYS: user, users, ev seq, ev feed, ev until. ARGV: appid, openid, until, ttl, channel.
 # Nothing is written for an unknown user (no record, no event).
 REVOKE_USER = (
     _EVENT_KEYS
@@ -87,18 +88,18 @@ REVOKE_USER = (
 local key = KEYS[1]
 if redis.call('EXISTS', key) == 0 then return false end
 local epoch = redis.call('HINCRBY', key, 'epoch', 1)
-append_event('revoke', ARGV[1], ARGV[2], epoch, ARGV[3], tonumber(ARGV[4]))
+append_event('revoke', ARGV[1], ARGV[2], epoch, ARGV[3], tonumber(ARGV[4]), ARGV[5])
 return redis.call('HGETALL', key)
 """
 )
 
-# KEYS: ev seq, ev feed, ev until. ARGV: kind, appid, openid, epoch, until, ttl.
+# KEYS: ev seq, ev feed, ev until. ARGV: kind, appid, openid, epoch, until, ttl, channel.
 # A migration's copy of an event as it is.
 APPEND_EVENT = (
     "local KEYS_EV = {KEYS[1], KEYS[2], KEYS[3]}\n"
     + _APPEND_EVENT
     + "return append_event(ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5],"
-    + " tonumber(ARGV[6]))"
+    + " tonumber(ARGV[6]), ARGV[7])"
 )
 
 # KEYS: user, users. ARGV: member, unionid, session_key, phone, created_at,
@@ -121,8 +122,11 @@ redis.call('SADD', KEYS[2], member)
 return epoch
 """
 
-# KEYS: rev seq, rev ids, rev expiry. ARGV: session_id, expires_at, ttl.
-# Idempotent: a session already revoked keeps its id (no new id, no new entry).
+# KEYS: rev seq, rev ids, rev expiry. ARGV: session_id, expires_at, ttl, channel.
+# Idempotent: a session already revoked keeps its id (no new id, no new entry,
+# no wake-up). The PUBLISH is part of the script, so no revocation is ever
+# stored without its wake-up being sent (a listener may still miss it: the
+# catch-up read after each subscription covers that).
 REVOKE_SESSION = (
     _EXTEND
     + """
@@ -132,6 +136,7 @@ redis.call('ZADD', KEYS[2], id, ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 extend(KEYS[2], tonumber(ARGV[3]))
 extend(KEYS[3], tonumber(ARGV[3]))
+redis.call('PUBLISH', ARGV[4], 'rev')
 return id
 """
 )
@@ -161,26 +166,96 @@ end
 return #due
 """
 
-# KEYS: token key. ARGV: token. Clears the cached token only if it is still this one.
+# KEYS: token key. ARGV: token, expires_at, fence. Refused (0) when a write with a
+# newer fence was seen: a holder that stalled past its lease cannot overwrite the
+# token of the one that took the lease after it. The fence outlives a clear.
+PUT_IF_NEWER_FENCE = """
+local seen = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+if tonumber(ARGV[3]) < seen then return 0 end
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'expires_at', ARGV[2], 'fence', ARGV[3])
+return 1
+"""
+
+# KEYS: token key. ARGV: token. Clears the cached token only if it is still this one,
+# keeping the newest fence seen (a stalled holder's late write is still refused).
 FORGET_IF_SAME = """
-if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'token', 'expires_at')
+end
 return 0
 """
 
-# KEYS: lease. ARGV: holder, expires_at, now, ttl (seconds, the key's own TTL).
-# Taken when free, expired (expires_at <= now) or already ours (a renewal).
+# KEYS: lease, its fence counter. ARGV: holder, expires_at, now, ttl (seconds, the
+# lease key's own TTL). Taken when free, expired (expires_at <= now) or already
+# ours (a renewal). Returns the holding's fencing number, 0 when refused: a new
+# holding INCRs the counter, which has no TTL (a number is never handed out
+# twice, however long the lease lay free); a renewal keeps its number.
 ACQUIRE_LEASE = """
 local holder = redis.call('HGET', KEYS[1], 'holder')
-if holder and holder ~= ARGV[1] then
+local fence = false
+if holder == ARGV[1] then
+  fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+elseif holder then
   if tonumber(redis.call('HGET', KEYS[1], 'expires_at')) > tonumber(ARGV[3]) then return 0 end
 end
-redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'expires_at', ARGV[2])
+if not fence or fence == 0 then fence = redis.call('INCR', KEYS[2]) end
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'expires_at', ARGV[2], 'fence', fence)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-return 1
+return fence
 """
 
 # KEYS: lease. ARGV: holder. Only the holder gives it back.
 RELEASE_LEASE = """
 if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# -- rate limits across instances (gateway.ratelimit_shared) -----------------
+# Both read the clock of Redis (TIME), not of the caller: instances on machines
+# whose clocks differ still share one time line.
+
+# KEYS: bucket. ARGV: interval (seconds between requests at the rate), burst.
+# GCRA, the token bucket as one stored number: the theoretical arrival time of
+# the next request (TAT). Taken when TAT - (burst - 1) * interval <= now. Returns
+# '0' when taken, else the seconds until one would be; strings, because Redis
+# truncates a Lua number to an integer.
+GCRA_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local wait = tat - (burst - 1) * interval - now
+if wait > 0 then return string.format('%.6f', wait) end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
+return '0'
+"""
+
+# KEYS: live members (a sorted set scored by last sync), then one counter per key.
+# ARGV: member, live_for (seconds), ttl_ms (of the counters), then per counter
+# three: delta, want, limit. Marks ``member`` live, forgets members silent for
+# ``live_for``; per counter adds delta (spent beyond the claim, or given back),
+# then grants up to ``want`` of what ``limit`` leaves and adds the grant: claims
+# taken here never sum past the limit. Returns {live members, grant, grant, ...}.
+CLAIM_SHARES = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[1], 3600)
+local out = {redis.call('ZCARD', KEYS[1])}
+for i = 2, #KEYS do
+  local at = 4 + (i - 2) * 3
+  local total = redis.call('INCRBY', KEYS[i], ARGV[at])
+  if total < 0 then  -- gave back more than a Redis that lost its counters holds
+    total = 0
+    redis.call('SET', KEYS[i], 0)
+  end
+  local grant = math.min(tonumber(ARGV[at + 1]), math.max(0, tonumber(ARGV[at + 2]) - total))
+  if grant > 0 then redis.call('INCRBY', KEYS[i], grant) end
+  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  out[i] = grant
+end
+return out
 """

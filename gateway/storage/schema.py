@@ -74,6 +74,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             epoch INTEGER NOT NULL, until REAL NOT NULL)""",
         "CREATE INDEX user_events_until ON user_events (until)",
     ),
+    # Fencing (issue 16): each new holding of a lease gets a higher number, and the
+    # access token keeps the newest number it was written with, so a holder that
+    # stalled past its lease cannot overwrite a newer token. A released lease keeps
+    # its row (holder '') and a cleared token its row (token NULL): the numbers
+    # must outlive both. The token table is rebuilt for that NULL (SQLite cannot
+    # drop a NOT NULL), as step 2 rebuilt it.
+    4: (
+        "ALTER TABLE leases ADD COLUMN fence INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE access_token_v4 (
+            appid TEXT PRIMARY KEY, token TEXT, expires_at REAL,
+            fence INTEGER NOT NULL DEFAULT 0)""",
+        """INSERT INTO access_token_v4 (appid, token, expires_at)
+            SELECT appid, token, expires_at FROM access_token""",
+        "DROP TABLE access_token",
+        "ALTER TABLE access_token_v4 RENAME TO access_token",
+    ),
 }
 # Tables whose existing rows a step hands to the default app: with rows there and
 # no default appid, that step cannot run (nothing is guessed).

@@ -92,6 +92,22 @@ _IMPORT_USER = """INSERT INTO users
         unionid = excluded.unionid, session_key = excluded.session_key,
         phone_number = excluded.phone_number, created_at = excluded.created_at,
         last_login_at = excluded.last_login_at, epoch = MAX(users.epoch, excluded.epoch)"""
+# Fencing (Storage.acquire_lease): a new holding counts the fence up, a renewal
+# (same holder) keeps it, unless it has none yet (a holding from before schema 4).
+# SET expressions read the row as it was.
+_ACQUIRE_LEASE = """INSERT INTO leases (name, holder, expires_at, fence) VALUES (?, ?, ?, 1)
+    ON CONFLICT (name) DO UPDATE SET
+        fence = CASE WHEN leases.holder = excluded.holder AND leases.fence > 0
+            THEN leases.fence ELSE leases.fence + 1 END,
+        holder = excluded.holder, expires_at = excluded.expires_at
+    WHERE leases.holder = excluded.holder OR leases.expires_at <= ?
+    RETURNING fence"""
+_PUT_IF_NEWER_FENCE = """INSERT INTO access_token (appid, token, expires_at, fence)
+    VALUES (?, ?, ?, ?)
+    ON CONFLICT (appid) DO UPDATE SET
+        token = excluded.token, expires_at = excluded.expires_at, fence = excluded.fence
+    WHERE excluded.fence >= access_token.fence
+    RETURNING fence"""
 _USERS_AFTER = _SELECT_USERS + " WHERE (appid, openid) > (?, ?) ORDER BY appid, openid LIMIT ?"
 USERS_BATCH = 500
 
@@ -383,48 +399,47 @@ class SQLiteStorage(Storage):
     async def get_access_token(self, appid: str) -> AccessToken | None:
         async def get(conn: aiosqlite.Connection) -> AccessToken | None:
             rows = await conn.execute_fetchall(
-                "SELECT token, expires_at FROM access_token WHERE appid = ?", (appid,)
+                "SELECT token, expires_at FROM access_token WHERE appid = ? AND token IS NOT NULL",
+                (appid,),
             )
             return next((AccessToken(row["token"], row["expires_at"]) for row in rows), None)
 
         return await self._run("get_access_token", get, write=False)
 
-    async def put_access_token(self, appid: str, token: AccessToken) -> None:
-        await self._write(
-            "put_access_token",
-            """INSERT INTO access_token (appid, token, expires_at) VALUES (?, ?, ?)
-            ON CONFLICT (appid) DO UPDATE SET
-                token = excluded.token, expires_at = excluded.expires_at""",
-            (appid, token.token, token.expires_at),
-        )
+    async def put_access_token(self, appid: str, token: AccessToken, fence: int = 0) -> bool:
+        async def put(conn: aiosqlite.Connection) -> bool:
+            # The DO UPDATE's WHERE refuses an older fence; then no row comes back.
+            rows = await conn.execute_fetchall(
+                _PUT_IF_NEWER_FENCE, (appid, token.token, token.expires_at, fence)
+            )
+            return any(True for _ in rows)
+
+        return await self._run("put_access_token", put, single=True)
 
     async def clear_access_token(self, appid: str, token: str) -> None:
+        # The row stays, with its fence: a stalled holder's late write is still refused.
         await self._write(
             "clear_access_token",
-            "DELETE FROM access_token WHERE appid = ? AND token = ?",
+            "UPDATE access_token SET token = NULL, expires_at = NULL WHERE appid = ? AND token = ?",
             (appid, token),
         )
 
     # -- leases ------------------------------------------------------------
-    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
-        async def acquire(conn: aiosqlite.Connection) -> bool:
+    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> int | None:
+        async def acquire(conn: aiosqlite.Connection) -> int | None:
             # The DO UPDATE's WHERE refuses a live lease held by someone else; then no
             # row comes back. Insert, renewal and takeover are one statement.
-            rows = await conn.execute_fetchall(
-                """INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)
-                ON CONFLICT (name) DO UPDATE SET
-                    holder = excluded.holder, expires_at = excluded.expires_at
-                WHERE leases.holder = excluded.holder OR leases.expires_at <= ?
-                RETURNING holder""",
-                (name, holder, now + ttl, now),
-            )
-            return any(True for _ in rows)
+            rows = await conn.execute_fetchall(_ACQUIRE_LEASE, (name, holder, now + ttl, now))
+            return next((int(row["fence"]) for row in rows), None)
 
-        return await self._run("acquire_lease", acquire)
+        return await self._run("acquire_lease", acquire, single=True)
 
     async def release_lease(self, name: str, holder: str) -> None:
+        # The row stays (no holder, expired) so the next holding's fence counts on.
         await self._write(
-            "release_lease", "DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)
+            "release_lease",
+            "UPDATE leases SET holder = '', expires_at = 0 WHERE name = ? AND holder = ?",
+            (name, holder),
         )
 
     # -- transactions ------------------------------------------------------

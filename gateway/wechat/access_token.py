@@ -6,6 +6,12 @@ wait for the result: ``stable_token`` is rate limited, and a thundering herd
 at expiry would burn the quota. ``stable_token`` is used rather than
 ``cgi-bin/token`` because it does not invalidate the token others hold.
 
+The lease expires (a holder may die), so a holder that stalled past it (a GC
+pause, a slow WeChat) may wake up after another took the lease over and stored
+a newer token. Each holding carries a fencing number and the store refuses a
+write older than the newest it has seen: the late write is dropped and the
+stalled holder takes the stored token instead.
+
 Each app (appid) has its own token, so one :class:`AccessTokens` serves one app:
 its stored token, its cache, its lease. Two apps never wait for each other.
 """
@@ -13,6 +19,7 @@ its stored token, its cache, its lease. Two apps never wait for each other.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -21,6 +28,8 @@ from gateway.config import AppConfig
 from gateway.errors import WechatError, WechatTimeout
 from gateway.storage import AccessToken, Storage
 from gateway.wechat.client import AccessTokenRejected, WechatClient
+
+log = logging.getLogger("gateway.wechat")
 
 LEASE_PREFIX = "wechat-access-token"
 # Treat a token as expired this long before WeChat would (never more than a tenth of its life).
@@ -76,9 +85,10 @@ class AccessTokens:
                     self._cached = stored
                     return stored.token
                 # ... and across processes through the storage lease.
-                if await self._storage.acquire_lease(
+                fence = await self._storage.acquire_lease(
                     self._lease, self._holder, self._lease_ttl, self._clock()
-                ):
+                )
+                if fence is not None:
                     try:
                         # The previous holder may have stored a fresh token just
                         # before releasing: look once more before calling WeChat.
@@ -86,23 +96,31 @@ class AccessTokens:
                         if stored is not None and self._usable(stored, not_this):
                             self._cached = stored
                             return stored.token
-                        return await self._fetch(force=not_this is not None)
+                        return await self._fetch(fence, force=not_this is not None)
                     finally:
                         await self._storage.release_lease(self._lease, self._holder)
                 if self._clock() > deadline:
                     raise WechatTimeout("Timed out waiting for another worker's access token.")
                 await asyncio.sleep(WAIT_STEP)
 
-    async def _fetch(self, *, force: bool) -> str:
+    async def _fetch(self, fence: int, *, force: bool) -> str:
         self.fetches += 1
         if self._on_fetch is not None:
             self._on_fetch("refresh" if force else "expired")
         token, expires_in = await self._client.stable_token(self.app, force_refresh=force)
         margin = min(MAX_MARGIN, expires_in / 10)
         entry = AccessToken(token, self._clock() + expires_in - margin)
-        await self._storage.put_access_token(self.appid, entry)
+        if not await self._storage.put_access_token(self.appid, entry, fence):
+            # We lost the lease while WeChat answered, and a newer holder stored its
+            # token: that one is the app's token now (ours may be the one it replaced).
+            log.warning(
+                "access token of %s: lease lost mid-fetch; using the newer token", self.appid
+            )
+            stored = await self._storage.get_access_token(self.appid)
+            if stored is not None and self._usable(stored, None):
+                entry = stored
         self._cached = entry
-        return token
+        return entry.token
 
     async def invalidate(self, token: str) -> None:
         if self._cached is not None and self._cached.token == token:

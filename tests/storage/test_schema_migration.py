@@ -114,10 +114,32 @@ async def schema_v2_file(old_release: dict[str, Any], to: Path) -> Path:
     return path
 
 
-def test_the_schema_version_is_3() -> None:
+def test_the_schema_version_is_4() -> None:
     # A new version needs a migration test of the version before it: this line
     # changing is the reminder.
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
+
+
+async def test_a_schema_3_token_and_lease_survive_and_fencing_starts(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    await migrate_only_to(path, 3, APPID)
+    sql(path, "INSERT INTO access_token (appid, token, expires_at) VALUES (?, 'tok', 5000.0)",
+        (APPID,))  # fmt: skip
+    sql(path, "INSERT INTO leases (name, holder, expires_at) VALUES ('refresh', 'w-1', 100.0)")
+    store = SQLiteStorage(path)
+    await store.open()
+    try:
+        assert store.migrated == (3, 4)
+        assert await store.get_access_token(APPID) == AccessToken("tok", 5000.0)
+        # The holding from before the upgrade is still one: w-2 waits, w-1 renews
+        # and, having no number yet, gets the first.
+        assert await store.acquire_lease("refresh", "w-2", ttl=10.0, now=50.0) is None
+        assert await store.acquire_lease("refresh", "w-1", ttl=10.0, now=50.0) == 1
+        assert await store.put_access_token(APPID, AccessToken("tok-2", 6000.0), fence=1)
+        assert not await store.put_access_token(APPID, AccessToken("old", 7000.0), fence=0)
+        assert await store.get_access_token(APPID) == AccessToken("tok-2", 6000.0)
+    finally:
+        await store.close()
 
 
 def columns(path: Path, table: str) -> list[str]:
@@ -315,7 +337,10 @@ async def test_a_schema_2_file_migrates_to_3_with_nothing_lost(
         (OTHER_APP, "o-phone", 0),
     ]
     assert rows_of(path, "revocations") == before["revocations"]
-    assert rows_of(path, "access_token") == before["access_token"]
+    # Each token as it was, with no fence yet (step 4).
+    tokens = rows_of(path, "access_token")
+    assert [{k: v for k, v in t.items() if k != "fence"} for t in tokens] == before["access_token"]
+    assert {t["fence"] for t in tokens} == {0}
     # The revocation cursor is where it was; the events have their own.
     assert [r for r in rows_of(path, "sqlite_sequence") if r["name"] == "revocations"] == [
         r for r in sequence if r["name"] == "revocations"

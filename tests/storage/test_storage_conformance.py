@@ -442,6 +442,59 @@ async def test_lease_release_only_by_its_holder(storage: Storage) -> None:
     await storage.release_lease("never-taken", "a")
 
 
+async def test_each_new_holding_gets_a_higher_fence(storage: Storage) -> None:
+    first = await storage.acquire_lease("refresh", "a", ttl=10.0, now=0.0)
+    assert first is not None and first >= 1
+    assert await storage.acquire_lease("refresh", "a", ttl=10.0, now=5.0) == first  # renewal
+    assert await storage.acquire_lease("refresh", "b", ttl=10.0, now=6.0) is None  # a's
+    taken_over = await storage.acquire_lease("refresh", "b", ttl=10.0, now=15.0)  # expired
+    assert taken_over is not None and taken_over > first
+    await storage.release_lease("refresh", "b")
+    # Released, then taken again (even by an earlier holder): a number never comes back.
+    again = await storage.acquire_lease("refresh", "a", ttl=10.0, now=16.0)
+    assert again is not None and again > taken_over
+    # Each lease name counts on its own.
+    assert await storage.acquire_lease("other", "a", ttl=10.0, now=16.0) == first
+
+
+async def test_a_stalled_holders_late_write_is_refused(storage: Storage) -> None:
+    # a takes the lease, then stalls past it (GC pause, slow WeChat); b takes it
+    # over and stores a newer token; a wakes up and writes what it fetched.
+    a = await storage.acquire_lease(lease_name(APP), "a", ttl=10.0, now=0.0)
+    b = await storage.acquire_lease(lease_name(APP), "b", ttl=10.0, now=11.0)
+    assert a is not None and b is not None
+    assert await storage.put_access_token(APP, AccessToken("newer", 900.0), fence=b)
+    assert not await storage.put_access_token(APP, AccessToken("stale", 800.0), fence=a)
+    assert await storage.get_access_token(APP) == AccessToken("newer", 900.0)
+    # A clear (WeChat rejected the token) does not forget the newest fence seen.
+    await storage.clear_access_token(APP, "newer")
+    assert not await storage.put_access_token(APP, AccessToken("stale", 800.0), fence=a)
+    assert await storage.get_access_token(APP) is None
+    # The fence is per app; the same fence writes again (b refreshing twice).
+    assert await storage.put_access_token(OTHER_APP, AccessToken("other", 700.0), fence=a)
+    assert await storage.put_access_token(APP, AccessToken("newest", 990.0), fence=b)
+    assert await storage.get_access_token(APP) == AccessToken("newest", 990.0)
+
+
+async def test_concurrent_fenced_writes_keep_the_newest(storage: Storage) -> None:
+    # Writes racing in any order: the check and the write are one step, so the
+    # highest fence wins whichever lands last.
+    fences = []
+    for i in range(8):
+        fence = await storage.acquire_lease("race", f"h-{i}", ttl=1.0, now=float(i * 2))
+        assert fence is not None
+        fences.append(fence)
+    written = await asyncio.gather(
+        *(
+            storage.put_access_token(APP, AccessToken(f"tok-{f}", 100.0 + f), fence=f)
+            for f in reversed(fences)
+        )
+    )
+    assert written[0]  # the newest, sent first, is always taken
+    top = max(fences)
+    assert await storage.get_access_token(APP) == AccessToken(f"tok-{top}", 100.0 + top)
+
+
 # -- reading everything out and back in (migration) ---------------------------
 
 

@@ -3,7 +3,9 @@
 No mock: the Redis store is tested against the server it runs against in
 production. Missing binary = a loud failure naming the package, never a skip
 (CI installs it: .ci/run). ``stop()`` and ``start()`` again on the same port
-and directory are how tests take Redis away and bring it back.
+and directory are how tests take Redis away and bring it back; with ``aof=True``
+(append-only file, as docs/deployment.md tells production to run it) what it held
+before is there again after such a restart.
 """
 
 from __future__ import annotations
@@ -41,10 +43,18 @@ class RedisServer:
     """``tls=True``: TLS only, with a self-signed certificate for 127.0.0.1 that
     ``url`` names as the CA to trust."""
 
-    def __init__(self, directory: Path, *, password: str | None = None, tls: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        password: str | None = None,
+        tls: bool = False,
+        aof: bool = False,
+    ) -> None:
         self.directory = directory
         self.password = password
         self.tls = tls
+        self.aof = aof
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -63,7 +73,7 @@ class RedisServer:
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.aof else "no",
             "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
