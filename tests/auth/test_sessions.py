@@ -21,9 +21,9 @@ from gateway.wechat import fake
 from tests.support.client import bearer, fake_stats, logged_in, send
 from tests.support.errors import assert_error
 from tests.support.gateway import Running, StartGateway, config_for, url_of
+from tests.support.pinning import ask, pinned
 from tests.support.procs import spawn, wait_workers
-from tests.support.rawhttp import Conn, Cut, Response, request_bytes
-from tests.support.sockets import owner_of
+from tests.support.rawhttp import Conn
 from tests.support.upstream import Recorder
 
 # -- helpers -------------------------------------------------------------------
@@ -241,18 +241,6 @@ async def test_wrong_method_on_own_endpoint(
 # -- logout across workers ------------------------------------------------------------
 
 
-async def ask(pin: Conn, method: str, path: str, token: str | None = None) -> Response:
-    """One request on a pinned keep-alive connection, spoken by hand so it stays
-    on its worker; the worker must keep the connection open."""
-    headers = [("Content-Length", "0")]
-    if token is not None:
-        headers.append(("Authorization", f"Bearer {token}"))
-    await pin.send(request_bytes(path, headers, method=method, host="127.0.0.1", close=False))
-    answer = await pin.next()
-    assert (answer.header("connection") or "").lower() != "close", "the worker closed the pin"
-    return answer
-
-
 @dataclass
 class Seen:
     at: float  # seconds after the logout answer, when the request was sent
@@ -267,79 +255,68 @@ async def test_logout_reaches_every_worker_within_1s(
     proc = await spawn(tmp_path, config_for(tmp_path, upstream, wechat), "--workers", "2")
     url, port = proc.url, proc.port
     assert port is not None
-    pins: dict[int, Conn] = {}
-    spare: list[Conn] = []
+    workers = await wait_workers(proc, 2)
+    results: list[Seen] = []
     try:
-        workers = await wait_workers(proc, 2)
-        deadline = time.monotonic() + 30
-        # Open connections until one is held by each of the two workers (one
-        # still starting up is simply not chosen yet).
-        while len(pins) < 2:
-            assert time.monotonic() < deadline, f"could not reach both workers: {workers}"
-            pin = await Conn.open(port)
-            try:
-                status = (await ask(pin, "GET", "/healthz")).status
-            except (OSError, Cut):
-                await pin.close()
-                await asyncio.sleep(0.1)
-                continue
-            assert status == 200
-            owner = owner_of(port, pin.local_port, workers)
-            if owner is not None and owner not in pins:
-                pins[owner] = pin
-            else:
-                spare.append(pin)
-        (pid_a, pin_a), (pid_b, pin_b) = pins.items()
-        assert pid_a != pid_b
-
-        async with aiohttp.ClientSession() as http:
-            user = await logged_in(http, url, "union-two-workers")
-        token = user["token"]
-        # Before the logout both workers accept the token.
-        assert (await ask(pin_a, "GET", "/auth/verify", token)).status == 200
-        assert (await ask(pin_b, "GET", "/auth/verify", token)).status == 200
-
-        fresh = aiohttp.TCPConnector(force_close=True, limit=0)
-        async with aiohttp.ClientSession(connector=fresh) as http:
-            before = await asyncio.gather(
-                *(send(http, "GET", url + f"/api/pre{i}", headers=bearer(token)) for i in range(20))
-            )
-            assert [r.status for r in before] == [200] * 20
-
-            # Worker A answers the logout; worker B only learns of it through storage.
-            out = await ask(pin_a, "POST", "/auth/logout", token)
-            assert (out.status, out.json) == (200, {"ok": True})
-            t0 = time.monotonic()
-            results: list[Seen] = []
-
-            async def probe_pin(who: str, pin: Conn) -> None:
-                at = time.monotonic() - t0
-                answer = await ask(pin, "GET", "/auth/verify", token)
-                error = answer.json.get("error") if answer.body else None
-                results.append(Seen(at, who, answer.status, error))
-
-            async def probe_fresh(i: int) -> None:
-                at = time.monotonic() - t0
-                reply = await send(http, "GET", url + f"/api/after{i}", headers=bearer(token))
-                error = reply.body.get("error") if reply.status != 200 else None
-                results.append(Seen(at, "fresh", reply.status, error))
-
-            i = 0
-            # Rounds until 2.5 s have passed and one round started after 1.5 s (on
-            # a busy machine a round may take a while).
-            while time.monotonic() - t0 < 2.5 or not any(s.at > 1.5 for s in results):
-                await asyncio.gather(
-                    probe_pin("A", pin_a),
-                    probe_pin("B", pin_b),
-                    *(probe_fresh(i + k) for k in range(4)),
-                )
-                i += 4
-                await asyncio.sleep(0.02)
+        async with pinned(port, workers) as pins:
+            await _logout_rounds(url, pins, results)
     finally:
-        for pin in [*pins.values(), *spare]:
-            await pin.close()
         output = await asyncio.to_thread(proc.output)
+    _judge(results, output)
 
+
+async def _logout_rounds(url: str, pins: dict[int, Conn], results: list[Seen]) -> None:
+    """Log in, log out through worker A, then probe both workers and fresh
+    connections in rounds for 2.5 s, noting each answer in ``results``."""
+    (pid_a, pin_a), (pid_b, pin_b) = pins.items()
+    assert pid_a != pid_b
+
+    async with aiohttp.ClientSession() as http:
+        user = await logged_in(http, url, "union-two-workers")
+    token = user["token"]
+    # Before the logout both workers accept the token.
+    assert (await ask(pin_a, "GET", "/auth/verify", token)).status == 200
+    assert (await ask(pin_b, "GET", "/auth/verify", token)).status == 200
+
+    fresh = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(connector=fresh) as http:
+        before = await asyncio.gather(
+            *(send(http, "GET", url + f"/api/pre{i}", headers=bearer(token)) for i in range(20))
+        )
+        assert [r.status for r in before] == [200] * 20
+
+        # Worker A answers the logout; worker B only learns of it through storage.
+        out = await ask(pin_a, "POST", "/auth/logout", token)
+        assert (out.status, out.json) == (200, {"ok": True})
+        t0 = time.monotonic()
+
+        async def probe_pin(who: str, pin: Conn) -> None:
+            at = time.monotonic() - t0
+            answer = await ask(pin, "GET", "/auth/verify", token)
+            error = answer.json.get("error") if answer.body else None
+            results.append(Seen(at, who, answer.status, error))
+
+        async def probe_fresh(i: int) -> None:
+            at = time.monotonic() - t0
+            reply = await send(http, "GET", url + f"/api/after{i}", headers=bearer(token))
+            error = reply.body.get("error") if reply.status != 200 else None
+            results.append(Seen(at, "fresh", reply.status, error))
+
+        i = 0
+        # Rounds until 2.5 s have passed and one round started after 1.5 s (on
+        # a busy machine a round may take a while).
+        while time.monotonic() - t0 < 2.5 or not any(s.at > 1.5 for s in results):
+            await asyncio.gather(
+                probe_pin("A", pin_a),
+                probe_pin("B", pin_b),
+                *(probe_fresh(i + k) for k in range(4)),
+            )
+            i += 4
+            await asyncio.sleep(0.02)
+
+
+def _judge(results: list[Seen], output: str) -> None:
+    """Every answer a 200 or token_revoked; none accepted past the bound."""
     for seen in results:
         assert (seen.status, seen.error) in ((200, None), (401, "token_revoked")), (seen, output)
     # The worker that answered the logout rejects the token from then on.

@@ -149,6 +149,7 @@ async def test_a_redis_outage_falls_back_to_per_process_then_recovers(
         assert shared[200] <= windows_spanned(start, time.time(), 60.0) * (10 + SLACK), shared
 
         own_redis.stop()
+        stopped = time.monotonic()
         # Documented rule: after a second without a sync, each process counts on its
         # own (its 10-deep bucket, untouched while shared), and no request waits on
         # Redis. Each gateway passes again once it has fallen back.
@@ -162,9 +163,11 @@ async def test_a_redis_outage_falls_back_to_per_process_then_recovers(
         for _ in range(15):
             alone += await statuses(http, urls)
         assert set(alone) <= {200, 429}, alone
-        # Each bucket holds 10 (one taken by the probe above): 2 x 9 more, at most a
-        # few refilled at 10/m while the test runs.
-        assert 2 * 9 <= alone[200] <= 2 * 9 + 2, alone
+        # Each bucket holds 10 (one taken by the probe above): 2 x 9 more, plus
+        # what refilled at 10/m (one per 6 s per bucket) since Redis stopped: on a
+        # loaded machine the probes and rounds take seconds.
+        refilled = 2 * (int((time.monotonic() - stopped) * 10 / 60) + 1)
+        assert 2 * 9 <= alone[200] <= 2 * 9 + refilled, (alone, refilled)
 
         own_redis.start()
         # Back by itself: every worker syncs again (a fresh Redis: the live set is

@@ -23,6 +23,7 @@ from gateway.wechat.fake import FAKE_STATE
 from tests.support.client import bearer, send
 from tests.support.gateway import TOKEN_SECRET, url_of
 from tests.support.headers import fold
+from tests.support.pinning import ask, pinned
 from tests.support.procs import GatewayProcess, spawn, wait_workers, write_config
 from tests.support.rawhttp import Conn, Response
 from tests.support.secrets import leaking_lines
@@ -37,11 +38,9 @@ from tests.support.users import (
     CliRun,
     Probe,
     Seen,
-    ask,
     changed_within,
     close_code_and_delay,
     login_to,
-    pinned,
     rounds,
     sockets_on_each_worker,
     two_apps_config,

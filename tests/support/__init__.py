@@ -11,7 +11,12 @@
 - headers: ``fold``, how the gateway compares the header names it owns.
 - upstream: the reflecting upstream, and ``served`` for any app a test needs;
   rawupstream: a TCP upstream for exact bytes and exact faults.
-- sockets: which process holds a connection, and whether it still does.
+- sockets: which process holds a connection, and whether it still does;
+  pinning: one keep-alive connection held by each worker (``pinned``, ``ask``).
+- users: two apps behind ``gateway run --workers 2``, ``gateway users``, rounds
+  of probes timed from one moment.
+- redis, cluster, certs: a real redis-server; three instances behind HAProxy;
+  certificates made in the test.
 - waiting: poll for a condition with a generous deadline; "not accepted".
 - metrics, secrets, nginx: /metrics parsed, secrets found in text, a real nginx.
 """

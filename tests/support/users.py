@@ -1,11 +1,7 @@
 """Two mini programs behind a real ``gateway run --workers 2``, seen from outside:
-the config, the ``gateway users`` command, logins per app, a keep-alive
-connection pinned to each worker, WebSockets spread over the workers, and
-rounds of probes timed from one moment (contract section 9, issue 15).
-
-Why pins: with SO_REUSEPORT the kernel picks the worker of each connection, so
-"every worker" is only proved by a connection whose gateway end a known worker
-process holds (found through /proc, :func:`tests.support.sockets.owner_of`).
+the config, the ``gateway users`` command, logins per app, WebSockets spread
+over the workers, and rounds of probes timed from one moment (contract section
+9, issue 15). Connections pinned to each worker: :mod:`tests.support.pinning`.
 """
 
 from __future__ import annotations
@@ -14,8 +10,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +22,6 @@ from gateway.wechat import fake
 from tests.support import ROOT
 from tests.support.client import send
 from tests.support.gateway import base_config
-from tests.support.rawhttp import Conn, Cut, Response, request_bytes
 from tests.support.sockets import owner_of
 from tests.support.waiting import PROMPT
 
@@ -109,62 +103,7 @@ async def login_to(http: aiohttp.ClientSession, base: str, code: str, appid: str
     return body
 
 
-# -- one keep-alive connection per worker -----------------------------------------------
-
-
-async def ask(
-    pin: Conn,
-    method: str,
-    path: str,
-    token: str | None = None,
-    headers: Iterable[tuple[str, str]] = (),
-    body: Any = None,
-) -> Response:
-    """One request on a pinned connection, spoken by hand so it stays on its
-    worker (which must keep the connection open)."""
-    lines = [*headers]
-    data = b"" if body is None else json.dumps(body).encode()
-    if body is None:
-        lines.append(("Content-Length", "0"))
-    else:
-        lines.append(("Content-Type", "application/json"))
-    if token is not None:
-        lines.append(("Authorization", f"Bearer {token}"))
-    await pin.send(
-        request_bytes(path, lines, method=method, host="127.0.0.1", body=data, close=False)
-    )
-    answer = await pin.next()
-    assert (answer.header("connection") or "").lower() != "close", "the worker closed the pin"
-    return answer
-
-
-@asynccontextmanager
-async def pinned(port: int, workers: list[int]) -> AsyncIterator[dict[int, Conn]]:
-    """A keep-alive connection held by each of ``workers`` (pid -> connection),
-    closed at the end of the block, with every spare one opened to find them."""
-    pins: dict[int, Conn] = {}
-    spare: list[Conn] = []
-    deadline = time.monotonic() + 3 * PROMPT
-    try:
-        while len(pins) < len(workers):
-            assert time.monotonic() < deadline, f"no connection reached each of {workers}"
-            pin = await Conn.open(port)
-            try:
-                status = (await ask(pin, "GET", "/healthz")).status
-            except (OSError, Cut):  # a worker still starting: try again
-                await pin.close()
-                await asyncio.sleep(0.05)
-                continue
-            assert status == 200
-            owner = owner_of(port, pin.local_port, workers)
-            if owner is not None and owner not in pins:
-                pins[owner] = pin
-            else:
-                spare.append(pin)
-        yield pins
-    finally:
-        for conn in [*pins.values(), *spare]:
-            await conn.close()
+# -- one keep-alive connection per worker: tests/support/pinning.py ---------------------
 
 
 async def sockets_on_each_worker(
