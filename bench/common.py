@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,13 +28,18 @@ def pinned(cpus: str | None, argv: list[str]) -> list[str]:
 
 
 def start(
-    args: list[str], cpus: str | None = None, root: Path | None = None, **kwargs: object
+    args: list[str],
+    cpus: str | None = None,
+    root: Path | None = None,
+    stdout: Any = subprocess.DEVNULL,
+    **kwargs: object,
 ) -> subprocess.Popen[bytes]:
-    """``gateway ARGS`` from this tree, or from the checkout at ``root`` (a baseline)."""
+    """``gateway ARGS`` from this tree, or from the checkout at ``root`` (a baseline);
+    its standard output (the access log) to ``stdout``."""
     proc: subprocess.Popen[bytes] = subprocess.Popen(
         pinned(cpus, [sys.executable, "-m", "gateway", *args]),
         cwd=root or ROOT,
-        stdout=subprocess.DEVNULL,
+        stdout=stdout,
         stderr=subprocess.DEVNULL,
         **kwargs,  # type: ignore[call-overload]
     )
@@ -75,6 +81,32 @@ def cpu_ticks() -> tuple[int, int]:
         return 0, 0
     ticks = [int(f) for f in fields]
     return (ticks[7] if len(ticks) > 7 else 0), sum(ticks[:8])
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by ``pid`` and every process below
+    it (a gateway's supervisor and its workers), from /proc; 0.0 elsewhere."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    used: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # The command name may hold spaces: fields start after its ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        child = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        used[child] = int(fields[11]) + int(fields[12])
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += used.get(current, 0)
+        todo += children.get(current, [])
+    return total / tick
 
 
 def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:

@@ -10,6 +10,7 @@ valid token. Needs nginx, haproxy (>= 2.5 for jwt_verify) and wrk:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -22,6 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -33,6 +35,7 @@ from bench.common import (
     pinned,
     start,
     steal_percent,
+    tree_cpu_seconds,
     wait_http,
 )
 from gateway.auth.tokens import TokenCodec
@@ -135,11 +138,16 @@ def _check_rejects_forgery(port: int, token: str) -> None:
 
 
 def _measure(
-    port: int, token: str, connections: int, cpus: str | None, seconds: int
+    port: int, pid: int, token: str, connections: int, cpus: str | None, seconds: int
 ) -> dict[str, float]:
-    before = cpu_ticks()
+    before, used = cpu_ticks(), tree_cpu_seconds(pid)
     result = wrk_run(f"http://127.0.0.1:{port}/api/x", token, seconds, connections, cpus)
     result["steal"] = steal_percent(before, cpu_ticks())
+    # Requests per second of CPU the contender (all its processes) was busy: a
+    # one-thread HAProxy against `workers: 2` on two CPUs compared per CPU used.
+    busy = tree_cpu_seconds(pid) - used
+    result["cpu"] = busy / seconds
+    result["per_cpu"] = result["rps"] * seconds / busy if busy > 0 else 0.0
     return result
 
 
@@ -150,6 +158,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--only", nargs="*", help="subset of targets to run")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--access-log-file",
+        action="store_true",
+        help="the gateways' access log written to a file, as a deployment would "
+        "(default: /dev/null)",
+    )
     parser.add_argument(
         "--assertion",
         action="store_true",
@@ -171,7 +185,7 @@ def main() -> None:
     token = TokenCodec(TokenConfig(secret=Secret(SECRET)), ["wxbench"]).issue(
         "o-bench-user", None, time.time()
     )[0]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as logs:
         names = ["nginx", "haproxy", "plain", "gw1", "gw2"]
         names += ["gw1a"] if args.assertion else []
         names += ["gw1b"] if args.baseline else []
@@ -204,6 +218,7 @@ def main() -> None:
                 cwd=Path(__file__).parent.parent,
             ),
         ]
+        pids = {"nginx": procs[0].pid, "haproxy": procs[1].pid, "plain": procs[2].pid}
         gateways = [(1, "gw1", None), (2, "gw2", None)]
         gateways += [(1, "gw1a", None)] if args.assertion else []
         gateways += [(1, "gw1b", args.baseline)] if args.baseline else []
@@ -220,14 +235,19 @@ def main() -> None:
                 start(["keys", "generate", str(key)]).wait(30)
                 config["identity"] = {"assertion": {"keys": [str(key)]}}
             Path(tmp, f"{name}.yaml").write_text(yaml.safe_dump(config))
+            log: Any = subprocess.DEVNULL
+            if args.access_log_file:
+                log = logs.enter_context(open(Path(tmp, f"{name}-access.log"), "wb"))
             procs.append(
                 start(
                     ["run", "-c", f"{tmp}/{name}.yaml"],
                     cpus=proxy_cpu if workers == 1 else None,
                     root=root,
+                    stdout=log,
                     env={**os.environ},
                 )
             )
+            pids[name] = procs[-1].pid
         try:
             for port in ports.values():
                 wait_http(f"http://127.0.0.1:{port}/healthz")
@@ -236,7 +256,7 @@ def main() -> None:
                     _check_rejects_forgery(ports[name], token)
             names = [n for n in ports if not args.only or n in args.only]
             targets: dict[str, Callable[[int], dict[str, float]]] = {
-                name: partial(_measure, ports[name], token, args.connections, load_cpu)
+                name: partial(_measure, ports[name], pids[name], token, args.connections, load_cpu)
                 for name in names
             }
             for run in targets.values():  # warm-up: pools filled, code paths hot
@@ -275,7 +295,7 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     med = {
         name: {
             k: statistics.median(r.get(k, 0.0) for r in runs)
-            for k in ("rps", "p50", "p99", "non2xx", "steal")
+            for k in ("rps", "p50", "p99", "non2xx", "steal", "cpu", "per_cpu")
         }
         for name, runs in results.items()
     }
@@ -283,12 +303,16 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     def rps(name: str) -> float:
         return med[name]["rps"]
 
-    print("| target | req/s | p50 ms | p99 ms | non-2xx | rounds | CPU steal % |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| target | req/s | p50 ms | p99 ms | non-2xx | rounds | CPU steal % "
+        "| CPUs busy | req per CPU-s |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, m in med.items():
         print(
             f"| {LABELS[name]} | {m['rps']:.0f} | {m['p50']:.2f} | {m['p99']:.2f} "
-            f"| {m['non2xx']:.0f} | {len(results[name])} | {m['steal']:.1f} |"
+            f"| {m['non2xx']:.0f} | {len(results[name])} | {m['steal']:.1f} "
+            f"| {m['cpu']:.2f} | {m['per_cpu']:.0f} |"
         )
     worst = max((r.get("steal", 0.0) for runs in results.values() for r in runs), default=0.0)
     if worst > 2.0:
@@ -299,7 +323,12 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     if "haproxy" in med:
         for name in ("gw1", "gw2"):
             if name in med and med["haproxy"]["rps"]:
-                print(f"{LABELS[name]} / HAProxy: {med[name]['rps'] / med['haproxy']['rps']:.2f}x")
+                per_cpu = med["haproxy"]["per_cpu"]
+                ratio_cpu = med[name]["per_cpu"] / per_cpu if per_cpu else 0.0
+                print(
+                    f"{LABELS[name]} / HAProxy: {med[name]['rps'] / med['haproxy']['rps']:.2f}x"
+                    f" (per CPU-second: {ratio_cpu:.2f}x)"
+                )
     if "gw1" in med and "gw1a" in med and med["gw1"]["rps"]:
         print(f"wx-gateway (1 worker), assertion on / off: {rps('gw1a') / rps('gw1'):.3f}x")
     if "gw1" in med and "gw1b" in med and med["gw1b"]["rps"]:
