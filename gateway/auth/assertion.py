@@ -25,7 +25,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.auth.tokens import Claims
+from gateway.auth.tokens import Claims, make_room
 from gateway.config.model import AssertionConfig
 
 ALGORITHM = "ES256"
@@ -90,10 +90,8 @@ class Asserter:
         if hit is not None and now < hit[1]:
             return hit[0]
         token, exp = self._sign(who, audience, now)
-        if hit is None and len(self._cache) >= self._max:
-            # dicts keep insertion order: drop the oldest tenth in one go.
-            for old in list(self._cache)[: self._max // 10 or 1]:
-                del self._cache[old]
+        if hit is None:
+            make_room(self._cache, self._max)
         self._cache[key] = (token, exp - self._refresh)
         return token
 

@@ -9,6 +9,7 @@ user-event feed (:class:`~gateway.auth.revocations.Revocations` calls
 
 from __future__ import annotations
 
+from gateway.auth.tokens import make_room
 from gateway.storage import Storage
 
 # Marks "not cached" apart from "cached: no number" (None).
@@ -38,10 +39,7 @@ class Phones:
         return number
 
     def remember(self, appid: str, openid: str, number: str | None) -> None:
-        if len(self._numbers) >= self._max:
-            # dicts keep insertion order: drop the oldest tenth in one go.
-            for old in list(self._numbers)[: self._max // 10 or 1]:
-                del self._numbers[old]
+        make_room(self._numbers, self._max)
         self._numbers[(appid, openid)] = number
 
     def forget(self, appid: str, openid: str) -> None:

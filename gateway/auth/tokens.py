@@ -166,6 +166,15 @@ class TokenCodec:
         return Claims(sub, uid if isinstance(uid, str) else None, sid, iat, exp, appid, epoch)
 
 
+def make_room(cache: dict[Any, Any], limit: int) -> None:
+    """Before adding to a bounded per-worker cache: when it holds ``limit``
+    entries, drop the oldest tenth in one go (dicts keep insertion order), so
+    eviction costs nothing on most additions."""
+    if len(cache) >= limit:
+        for old in list(cache)[: limit // 10 or 1]:
+            del cache[old]
+
+
 class VerifiedTokens:
     """Claims of tokens already verified, keyed by the exact token string.
 
@@ -187,10 +196,7 @@ class VerifiedTokens:
         claims = self._claims.get(token)
         if claims is None:
             claims = self._codec.verify(token, now)
-            if len(self._claims) >= self._max:
-                # dicts keep insertion order: drop the oldest tenth in one go.
-                for old in list(self._claims)[: self._max // 10 or 1]:
-                    del self._claims[old]
+            make_room(self._claims, self._max)
             self._claims[token] = claims
         elif claims.expires_at + self._leeway <= now:
             del self._claims[token]

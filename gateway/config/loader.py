@@ -459,24 +459,24 @@ def _server(raw: Any, errors: list[str]) -> m.ServerConfig:
     return cfg
 
 
-# An appid is sent upstream in a header and names a row in storage: letters,
-# digits and a few separators (WeChat's own are "wx" and 16 hex digits).
-_APPID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_APP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# An appid is sent upstream in a header and names a row in storage, and a name
+# is written in routes[].apps: both letters, digits and a few separators
+# (WeChat's appids are "wx" and 16 hex digits).
+_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-def _appid(value: Any) -> str:
-    text = _nonempty(value).strip()
-    if not _APPID.fullmatch(text):
-        raise ValueError(f"{text!r} is not an appid (letters, digits, '_', '.', '-')")
-    return text
+def _label(what: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = _nonempty(value).strip()
+        if not _LABEL.fullmatch(text):
+            raise ValueError(f"{text!r} is not {what} (letters, digits, '_', '.', '-')")
+        return text
+
+    return parse
 
 
-def _app_name(value: Any) -> str:
-    text = _nonempty(value).strip()
-    if not _APP_NAME.fullmatch(text):
-        raise ValueError(f"{text!r} is not a name (letters, digits, '_', '.', '-')")
-    return text
+_appid = _label("an appid")
+_app_name = _label("a name")
 
 
 def _app(raw: Any, path: str, errors: list[str]) -> tuple[m.AppConfig, bool]:
