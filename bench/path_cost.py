@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -31,7 +31,7 @@ from gateway.auth.tokens import TokenCodec
 from gateway.config import Secret, TokenConfig, load_config
 from gateway.proxy.pool import UpstreamConnection
 from gateway.runtime.worker import Listener
-from gateway.server.protocol import HttpServer
+from gateway.server.protocol import HttpProtocol, HttpServer
 
 UPSTREAM_PORT = 18080
 # What nginx answers in bench/proxy.py, byte for byte.
@@ -101,7 +101,7 @@ async def run(n: int, access_log: bool, once: bool, assertion: bool) -> None:
     if gateway.access_log is not None:
         gateway.access_log._fd = os.open(os.devnull, os.O_WRONLY)
     server = HttpServer(listener._handle)
-    client = server()
+    client = cast(HttpProtocol, server())
     client_transport = _Transport(("127.0.0.1", 40000))
     client.connection_made(client_transport)  # type: ignore[arg-type]
     pool = gateway.pools.get("http", "127.0.0.1", UPSTREAM_PORT)

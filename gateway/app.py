@@ -210,6 +210,9 @@ class Gateway:
                 request.send_response(response)
         request.finish()
 
+    def _fail(self, request: Request, exc: Exception) -> None:
+        self._answer(request, None, exc)
+
     def _error(self, request: Request, exc: Exception) -> web.Response:
         if isinstance(exc, GatewayError):
             request.error = exc.code
@@ -355,7 +358,8 @@ class Gateway:
         )
         if loaded_phone is not MISSING:
             return proxy.proxy_http(fwd, request, route.balancer.candidates())
-        return proxy.forward(fwd, request, lambda exc: self._answer(request, None, exc))
+        # A bound method, not a closure over the request: no objects per request.
+        return proxy.forward(fwd, request, self._fail)
 
     async def _forward_after_phone(
         self,

@@ -14,7 +14,7 @@ reaches the upstream unchanged, apart from the header rules in
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -25,13 +25,13 @@ from gateway.proxy.pool import (
     IDEMPOTENT,
     ConnectFailed,
     ExchangeFailed,
-    RawResponseMessage,
     UpstreamConnection,
     UpstreamPools,
     UpstreamResponse,
     build_head,
 )
 from gateway.proxy.routing import Route, Target
+from gateway.server.heads import ResponseHead
 from gateway.server.request import Request
 
 log = logging.getLogger("gateway.proxy")
@@ -45,32 +45,55 @@ class _BodyState:
     too_large: bool = False
 
 
-async def _limited_body(
-    content: aiohttp.StreamReader, limit: int, state: _BodyState
-) -> AsyncIterator[bytes]:
+class _LimitedBody:
     """The request body as it arrives, stopping the upload once it passes ``limit``
-    (a chunked body has no Content-Length to check up front)."""
-    async for chunk in content.iter_chunked(CHUNK):
+    (a chunked body has no Content-Length to check up front). A class rather
+    than an async generator: mypyc compiles this module and has none."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int, state: _BodyState) -> None:
+        self._chunks = content.iter_chunked(CHUNK)
+        self._limit = limit
+        self._state = state
+
+    def __aiter__(self) -> _LimitedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._chunks.__anext__()
+        state = self._state
         state.sent += len(chunk)
-        if state.sent > limit:
+        if state.sent > self._limit:
             state.too_large = True
             raise BodyTooLarge()
-        yield chunk
+        return chunk
 
 
-# Not frozen: a frozen dataclass's __init__ costs an object.__setattr__ per
-# field, and one of these is made per proxied request. Never mutated.
-@dataclass(slots=True)
 class Forwarding:
-    """What the gateway decided for one proxied request, before any I/O."""
+    """What the gateway decided for one proxied request, before any I/O.
 
-    pools: UpstreamPools
-    rules: HeaderRules
-    route: Route
-    path: str  # normalised, as forwarded (after strip_prefix)
-    query: str
-    headers: list[bytes]  # the upstream request's header lines
-    request_id: str
+    One is made per proxied request: a plain class with slots, not a dataclass,
+    whose generated ``__init__`` would stay interpreted where this module is
+    compiled (setup.py). Never mutated."""
+
+    __slots__ = ("headers", "path", "pools", "query", "request_id", "route", "rules")
+
+    def __init__(
+        self,
+        pools: UpstreamPools,
+        rules: HeaderRules,
+        route: Route,
+        path: str,
+        query: str,
+        headers: list[bytes],
+        request_id: str,
+    ) -> None:
+        self.pools = pools
+        self.rules = rules
+        self.route = route
+        self.path = path  # normalised, as forwarded (after strip_prefix)
+        self.query = query
+        self.headers = headers  # the upstream request's header lines
+        self.request_id = request_id
 
     def head(self, method: str, target: Target, chunked: bool) -> bytes:
         path_qs = self.path + "?" + self.query if self.query else self.path
@@ -90,7 +113,7 @@ async def _open(
     body = None
     chunked = False
     if request.body_exists:
-        body = _limited_body(request.content, route.max_body, state)
+        body = _LimitedBody(request.content, route.max_body, state)
         # A client's chunked body goes upstream chunked; a Content-Length is kept.
         chunked = request.content_length is None
     timed_out = False
@@ -126,7 +149,7 @@ def tls_failed(route: Route, target: Target, reason: str) -> None:
 
 
 def forward(
-    fwd: Forwarding, request: Request, fail: Callable[[Exception], None]
+    fwd: Forwarding, request: Request, fail: Callable[[Request, Exception], None]
 ) -> Awaitable[None] | None:
     """Forward ``request``: on the fast lane when it can, else as a coroutine.
 
@@ -153,7 +176,7 @@ class _FastExchange:
         self,
         fwd: Forwarding,
         request: Request,
-        fail: Callable[[Exception], None],
+        fail: Callable[[Request, Exception], None],
         candidates: list[Target],
     ) -> None:
         self.fwd = fwd
@@ -181,7 +204,7 @@ class _FastExchange:
 
     def _on_head(
         self,
-        message: RawResponseMessage | None,
+        message: ResponseHead | None,
         payload: aiohttp.StreamReader | None,
         err: ExchangeFailed | None,
     ) -> None:
@@ -201,7 +224,8 @@ class _FastExchange:
                 )
                 return
             self.fail(
-                UpstreamTimeout() if err is not None and err.timed_out else UpstreamUnavailable()
+                request,
+                UpstreamTimeout() if err is not None and err.timed_out else UpstreamUnavailable(),
             )
             return
         if payload.is_eof():
@@ -224,14 +248,14 @@ class _FastExchange:
         )
 
 
-def _answer_lines(fwd: Forwarding, message: RawResponseMessage) -> list[bytes]:
+def _answer_lines(fwd: Forwarding, message: ResponseHead) -> list[bytes]:
     return fwd.rules.downstream_lines(message.raw_headers, fwd.request_id.encode())
 
 
 def _send_whole(
     fwd: Forwarding,
     request: Request,
-    message: RawResponseMessage,
+    message: ResponseHead,
     payload: aiohttp.StreamReader,
 ) -> None:
     """The whole body came with the head (most API answers): one write."""
@@ -245,7 +269,7 @@ def _send_whole(
 async def _stream(
     fwd: Forwarding,
     request: Request,
-    message: RawResponseMessage,
+    message: ResponseHead,
     payload: aiohttp.StreamReader,
     release: Callable[[bool], None],
 ) -> None:

@@ -14,7 +14,6 @@ segment exactly as the client encoded it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from urllib.parse import unquote
 
 # Encoded '/', '\' and NUL change where segments split depending on who decodes;
@@ -31,12 +30,26 @@ class BadPath(ValueError):
     """The path cannot be routed safely; the gateway answers 400 bad_request."""
 
 
-# Not frozen: a frozen dataclass's __init__ costs an object.__setattr__ per
-# field, and one of these is made per proxied request. Never mutated.
-@dataclass(slots=True)
 class NormalisedPath:
-    match: str  # decoded, for comparing with route prefixes
-    forward: str  # same segments, as the client encoded them, for the upstream
+    """One of these is made per proxied request: a plain class with slots, not
+    a dataclass, whose generated ``__init__`` would stay interpreted where this
+    module is compiled (setup.py). Never mutated."""
+
+    __slots__ = ("forward", "match")
+
+    def __init__(self, match: str, forward: str) -> None:
+        self.match = match  # decoded, for comparing with route prefixes
+        self.forward = forward  # same segments, as the client encoded them, for the upstream
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NormalisedPath):
+            return NotImplemented
+        return self.match == other.match and self.forward == other.forward
+
+    __hash__ = None  # type: ignore[assignment]  # equal by value, and not frozen
+
+    def __repr__(self) -> str:
+        return f"NormalisedPath(match={self.match!r}, forward={self.forward!r})"
 
     def strip_segments(self, count: int) -> str:
         """``forward`` without its first ``count`` segments (for ``strip_prefix``)."""

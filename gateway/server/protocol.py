@@ -14,10 +14,11 @@ smuggling checks), body streams with their flow control, and WebSocket, which is
 handed to aiohttp's ``WebSocketResponse`` through a real ``BaseRequest`` bound
 to this protocol (:mod:`gateway.server.websocket`).
 
-This subclasses aiohttp's ``BaseProtocol`` and drives its flow-control
-attributes (``_parser``, ``_upgraded``, ``_reading_paused``, ``_buffer_paused``
-and their helpers, ``_drain_helper``): private to aiohttp 3.14, listed in
-docs/design.md ("aiohttp internals we rely on"), guarded by the ``<3.15`` pin.
+Flow control is :class:`gateway.server.flow.FlowControl`, the interface of
+aiohttp's ``BaseProtocol`` (``_parser``, ``_upgraded``, ``_reading_paused``,
+``_buffer_paused`` and their helpers, ``_drain_helper``) that aiohttp's body
+streams and WebSocket drive: private to aiohttp 3.14, listed in docs/design.md
+("aiohttp internals we rely on"), guarded by the ``<3.15`` pin.
 """
 
 from __future__ import annotations
@@ -27,18 +28,19 @@ import collections
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
-from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.http_parser import HttpRequestParser
 from aiohttp.http_websocket import WebSocketReader
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web import RequestPayloadError
 
 from gateway.errors import status_error
 from gateway.server.batching import WriteBatch
+from gateway.server.flow import FlowControl, as_aiohttp, as_asyncio
 from gateway.server.framing import holds_bytes
+from gateway.server.heads import RequestHead
 from gateway.server.request import Request, reason_phrase
 
 log = logging.getLogger("gateway.server")
@@ -83,14 +85,14 @@ def _maybe_head(window: bytes) -> bool:
     return window.startswith(b"HEAD ") or b"\nHEAD " in window
 
 
-class HttpProtocol(BaseProtocol):
+class HttpProtocol(FlowControl):
     """One client connection: parse, queue, serve one request at a time, in order."""
 
     # Read by aiohttp's BaseRequest / WebSocketResponse when a WebSocket is handed over.
-    ssl_context = None
-    max_field_size = MAX_LINE
-    max_headers = MAX_HEADERS
-    _timeout_ceil_threshold = 5
+    ssl_context: ClassVar[None] = None
+    max_field_size: ClassVar[int] = MAX_LINE
+    max_headers: ClassVar[int] = MAX_HEADERS
+    _timeout_ceil_threshold: ClassVar[int] = 5
 
     def __init__(self, server: HttpServer) -> None:
         loop = server.loop
@@ -102,7 +104,7 @@ class HttpProtocol(BaseProtocol):
         self.sockname: Any = None
         self.chunked = False
         self.busy = False
-        self._queue: collections.deque[tuple[RawRequestMessage | HttpProcessingError, Any]] = (
+        self._queue: collections.deque[tuple[RequestHead | HttpProcessingError, Any]] = (
             collections.deque()
         )
         self._task: asyncio.Task[None] | None = None
@@ -151,7 +153,7 @@ class HttpProtocol(BaseProtocol):
 
     def _new_parser(self, loop: asyncio.AbstractEventLoop) -> HttpRequestParser:
         return HttpRequestParser(
-            self,
+            as_aiohttp(self),
             loop,
             READ_LIMIT,
             max_line_size=MAX_LINE,
@@ -204,7 +206,11 @@ class HttpProtocol(BaseProtocol):
         self._last_read = now = self.loop.time()
         messages: Any
         try:
-            messages, upgraded, tail = self._parser.feed_data(data)
+            # Through Any: the C parser's tuples are not the lists its stubs
+            # declare, and compiled code checks a call's declared result type
+            # (see gateway.server.heads).
+            parser: Any = self._parser
+            messages, upgraded, tail = parser.feed_data(data)
         except HttpProcessingError as exc:
             # Nothing after a framing error can be trusted: answer it, then close.
             # A body under way (its trailer section was the bad part) cannot end
@@ -721,8 +727,8 @@ class HttpServer:
         self.draining = False
         self.batch = WriteBatch(self.loop)
 
-    def __call__(self) -> HttpProtocol:
-        return HttpProtocol(self)
+    def __call__(self) -> asyncio.Protocol:
+        return as_asyncio(HttpProtocol(self))
 
     async def drain(self, grace: float) -> None:
         """Finish what is under way (up to ``grace`` seconds), then close the rest.

@@ -21,9 +21,10 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
-from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
+
+from gateway.server.heads import RequestHead
 
 if TYPE_CHECKING:
     from gateway.server.protocol import HttpProtocol
@@ -46,7 +47,7 @@ def reason_phrase(status: int) -> str:
         return ""
 
 
-def _asks_keep_alive(message: RawRequestMessage) -> bool:
+def _asks_keep_alive(message: RequestHead) -> bool:
     """An HTTP/1.0 request's explicit keep-alive, which a ``close`` token anywhere
     in its Connection fields cancels (llhttp lets keep-alive win; h11 and RFC
     9112 9.6 let close win, and a connection the client ends must not be reused)."""
@@ -112,7 +113,7 @@ class Request:
     scheme = "http"
 
     def __init__(
-        self, protocol: HttpProtocol, message: RawRequestMessage, payload: StreamReader
+        self, protocol: HttpProtocol, message: RequestHead, payload: StreamReader
     ) -> None:
         self.protocol = protocol
         self.message = message

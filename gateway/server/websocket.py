@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import StreamWriter
 
+from gateway.server.flow import as_aiohttp
 from gateway.server.request import Request
 
 if TYPE_CHECKING:
@@ -39,12 +41,13 @@ def handover(request: Request) -> web.BaseRequest:
     task = asyncio.current_task()
     assert task is not None, "a handover runs in the request's task"
     return web.BaseRequest(
-        request.message,
+        # The parser's own message object, declared by what the gateway reads.
+        cast("RawRequestMessage", request.message),
         request.content,
         # Not a RequestHandler: HttpProtocol offers the attributes a
         # BaseRequest and a WebSocketResponse read and call.
         cast("RequestHandler", protocol),
-        StreamWriter(protocol, protocol.loop),
+        StreamWriter(as_aiohttp(protocol), protocol.loop),
         task,
         protocol.loop,
     )

@@ -1,0 +1,80 @@
+"""Build: the request path compiled with mypyc where a C compiler is at hand.
+
+Everything else about the package is in pyproject.toml; this file only adds
+the compiled modules. Why compile: the proxy path is CPU-bound Python, and
+mypyc turns these modules (mypy-strict clean already) into C extensions that
+run the same source with fewer instructions per request (docs/performance.md,
+"Compiling the request path"). The ``.py`` files stay in the package: where
+nothing was compiled (no compiler, ``WXGW_COMPILE=0``) they are what runs, and
+``GATEWAY_PURE_PYTHON=1`` makes an installed tree run them even beside the
+compiled ones (gateway/__init__.py).
+
+``WXGW_COMPILE``: ``auto`` (default: compile when mypyc and a C compiler are
+found), ``1`` (compile or fail), ``0`` (never compile).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sysconfig
+
+from setuptools import setup
+
+# The modules a proxied request runs through, in the order it meets them.
+COMPILED = [
+    "gateway/server/flow.py",
+    "gateway/server/protocol.py",
+    "gateway/server/request.py",
+    "gateway/server/batching.py",
+    "gateway/server/framing.py",
+    "gateway/app.py",
+    "gateway/proxy/paths.py",
+    "gateway/config/reserved.py",
+    "gateway/proxy/routing.py",
+    "gateway/auth/tokens.py",
+    "gateway/auth/revocations.py",
+    "gateway/auth/identity.py",
+    "gateway/proxy/websocket.py",
+    "gateway/proxy/headers.py",
+    "gateway/proxy/forward.py",
+    "gateway/proxy/pool.py",
+    "gateway/observability/metrics.py",
+    "gateway/observability/accesslog.py",
+]
+
+
+def _compiler() -> bool:
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    words = shlex.split(cc)
+    return bool(words) and shutil.which(words[0]) is not None
+
+
+def _ext_modules() -> list[object]:
+    mode = os.environ.get("WXGW_COMPILE", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"WXGW_COMPILE must be auto, 0 or 1, not {mode!r}")
+    if mode == "0":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        if mode == "1":
+            raise
+        return []
+    if not _compiler():
+        if mode == "1":
+            raise SystemExit("WXGW_COMPILE=1 but no C compiler was found")
+        return []
+    # group_name: mypyc's shared runtime library becomes gateway._native__mypyc,
+    # inside the package, rather than a top-level module named after a hash,
+    # which an editable install would not put on the path. debug_level 0: no
+    # debug info, which would embed the build directory's path and make two
+    # builds of one source differ.
+    return list(
+        mypycify(COMPILED, opt_level="3", debug_level="0", group_name="gateway._native")
+    )
+
+
+setup(ext_modules=_ext_modules())
