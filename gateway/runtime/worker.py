@@ -19,6 +19,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 
+from gateway._compiled import compiled
 from gateway.app import Gateway
 from gateway.config import Config, ConfigError, load_config
 from gateway.observability import logs
@@ -204,10 +205,11 @@ async def serve(
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
     log.info(
-        "wx-gateway listening on http://%s:%s (pid %s)",
+        "wx-gateway listening on http://%s:%s (pid %s, request path %s)",
         config.server.host,
         listener.port,
         os.getpid(),
+        "compiled" if compiled() else "pure Python",
     )
     watchdog = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
     try:
