@@ -23,6 +23,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
  && pip install --only-binary=:all: -r requirements.txt
+COPY setup.py build_backend.py ./
 COPY gateway ./gateway
 # A regular (non-editable) install; then the installer itself goes, it has no use at run time.
 RUN pip install --no-deps . \

@@ -9,18 +9,16 @@ nothing was compiled (no compiler, ``WXGW_COMPILE=0``) they are what runs, and
 ``GATEWAY_PURE_PYTHON=1`` makes an installed tree run them even beside the
 compiled ones (gateway/__init__.py).
 
-``WXGW_COMPILE``: ``auto`` (default: compile when mypyc and a C compiler are
-found), ``1`` (compile or fail), ``0`` (never compile).
+``WXGW_COMPILE``: ``auto`` (default: compile when a C compiler is found),
+``1`` (compile or fail), ``0`` (never compile); build_backend.py decides, and
+asks pip for what compiling needs.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
-import shutil
-import sysconfig
-
 from setuptools import setup
+
+from build_backend import will_compile
 
 # The modules a proxied request runs through, in the order it meets them.
 COMPILED = [
@@ -45,28 +43,11 @@ COMPILED = [
 ]
 
 
-def _compiler() -> bool:
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    words = shlex.split(cc)
-    return bool(words) and shutil.which(words[0]) is not None
-
-
 def _ext_modules() -> list[object]:
-    mode = os.environ.get("WXGW_COMPILE", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise SystemExit(f"WXGW_COMPILE must be auto, 0 or 1, not {mode!r}")
-    if mode == "0":
+    if not will_compile():
         return []
-    try:
-        from mypyc.build import mypycify
-    except ImportError:
-        if mode == "1":
-            raise
-        return []
-    if not _compiler():
-        if mode == "1":
-            raise SystemExit("WXGW_COMPILE=1 but no C compiler was found")
-        return []
+    from mypyc.build import mypycify  # build_backend.py asked for mypy
+
     # group_name: mypyc's shared runtime library becomes gateway._native__mypyc,
     # inside the package, rather than a top-level module named after a hash,
     # which an editable install would not put on the path. debug_level 0: no
