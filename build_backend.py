@@ -49,9 +49,22 @@ def _for_compiling() -> list[str]:
     return [MYPY, *STUBS, *project["dependencies"]]
 
 
+# setuptools runs setup.py to list its own requirements, before any of the
+# above is installed: setup.py must not compile then.
+PLANNING = "WXGW_BUILD_PLANNING"
+
+
+def _planning(hook: Any, config_settings: dict[str, Any] | None) -> list[str]:
+    os.environ[PLANNING] = "1"
+    try:
+        return [*hook(config_settings), *_for_compiling()]
+    finally:
+        del os.environ[PLANNING]
+
+
 def get_requires_for_build_wheel(config_settings: dict[str, Any] | None = None) -> list[str]:
-    return [*_setuptools.get_requires_for_build_wheel(config_settings), *_for_compiling()]
+    return _planning(_setuptools.get_requires_for_build_wheel, config_settings)
 
 
 def get_requires_for_build_editable(config_settings: dict[str, Any] | None = None) -> list[str]:
-    return [*_setuptools.get_requires_for_build_editable(config_settings), *_for_compiling()]
+    return _planning(_setuptools.get_requires_for_build_editable, config_settings)

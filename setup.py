@@ -16,9 +16,16 @@ asks pip for what compiling needs.
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 from setuptools import setup
 
-from build_backend import will_compile
+# pip imports the backend from backend-path, but runs this file with the
+# project directory off sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_backend import PLANNING, will_compile
 
 # The modules a proxied request runs through, in the order it meets them.
 COMPILED = [
@@ -44,7 +51,7 @@ COMPILED = [
 
 
 def _ext_modules() -> list[object]:
-    if not will_compile():
+    if os.environ.get(PLANNING) or not will_compile():
         return []
     from mypyc.build import mypycify  # build_backend.py asked for mypy
 
