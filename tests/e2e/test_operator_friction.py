@@ -138,7 +138,7 @@ def _checkout(tmp_path: Path) -> Path:
     the only download is the editable build's setuptools."""
     root = tmp_path / "checkout"
     root.mkdir()
-    for name in ("pyproject.toml", "README.md", "config.yaml"):
+    for name in ("pyproject.toml", "setup.py", "build_backend.py", "README.md", "config.yaml"):
         shutil.copy2(ROOT / name, root / name)
     for name in ("gateway", "scripts"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
